@@ -1,0 +1,334 @@
+"""KV selection policies: dense, local, strided, sinks (StreamingLLM), h2o, swa (ALISA).
+
+The normative semantics are ``shared/SPEC.md`` §2. Each policy is one small class; the
+same object drives the accuracy path (one forward, every query masked causally) and
+the decode path (a cache that really drops what the policy can no longer pick), so the
+two compute the same function.
+
+Everything works in *slot space*: a layer holds ``C`` slots whose real positions are
+``pos`` (int64, ``-1`` = empty or padding). Slots are kept in increasing position
+order (appends add larger positions; compaction keeps the order), which the top-k
+tie-break relies on. A query at position ``t`` (``-1`` = a padding query) may attend
+slots with ``0 <= pos <= t``; ``n = t + 1``.
+
+References: ALISA (Zhao et al., ISCA 2024, arXiv 2403.17312); H2O (Zhang et al.,
+NeurIPS 2023); StreamingLLM (Xiao et al., ICLR 2024).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from fractions import Fraction
+from typing import ClassVar
+
+import torch
+
+REGISTRY: dict[str, type["Policy"]] = {}
+
+
+def register(cls: type["Policy"]) -> type["Policy"]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class PolicyState:
+    """Per-layer state of a stateful policy.
+
+    ``slot`` tensors carry the slot axis last and follow the slots when the store
+    appends, compacts or reorders the batch; ``other`` tensors have batch first only.
+    """
+
+    def __init__(self, slot: dict[str, torch.Tensor] | None = None, other: dict[str, torch.Tensor] | None = None):
+        self.slot = slot or {}
+        self.other = other or {}
+
+
+class Policy(abc.ABC):
+    """Base class: the budget arithmetic of SPEC §2 and the interface both paths use.
+
+    Parameters
+    ----------
+    sparsity : float, optional
+        KV sparsity in [0, 1); the kept ratio is ``r = 1 - sparsity``.
+    budget : int, optional
+        Fixed number of tokens (>= 1) instead of a ratio.
+    """
+
+    name: ClassVar[str] = ""
+    stateful: ClassVar[bool] = False
+
+    def __init__(self, sparsity: float | None = None, budget: int | None = None):
+        if (sparsity is None) == (budget is None) and self.name != "dense":
+            raise ValueError(f"policy {self.name!r} needs exactly one of sparsity= or budget= (got sparsity={sparsity!r}, budget={budget!r})")
+        if sparsity is not None:
+            if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) or not 0 <= sparsity < 1:
+                raise ValueError(f"sparsity={sparsity!r} is invalid: allowed is a number in [0, 1)")
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+                raise ValueError(f"budget={budget!r} is invalid: allowed is an integer >= 1 (tokens)")
+        self.sparsity = None if sparsity is None else float(sparsity)
+        self.budget = budget
+        # r = p/q exactly, from the decimal the user wrote (0.8 -> 1/5, not 0.19999...).
+        r = Fraction(1) - Fraction(str(self.sparsity or 0.0))
+        self._p, self._q = r.numerator, r.denominator
+
+    def __repr__(self) -> str:
+        arg = f"budget={self.budget}" if self.budget is not None else f"sparsity={self.sparsity}"
+        return f"{type(self).__name__}({arg})"
+
+    @property
+    def key(self) -> dict:
+        """Plain description, for results files."""
+        return {"policy": self.name, "sparsity": self.sparsity, "budget": self.budget}
+
+    # --- counts (round is round-half-up), on int64 tensors -------------------------
+    def full_count(self, n: torch.Tensor) -> torch.Tensor:
+        """K = max(1, round(r·n)), or min(n, B) with a budget."""
+        if self.budget is not None:
+            return torch.clamp(n, max=self.budget)
+        return torch.clamp((2 * self._p * n + self._q) // (2 * self._q), min=1)
+
+    def half_count(self, n: torch.Tensor) -> torch.Tensor:
+        """k = max(1, round(r·n/2)), or max(1, round(B/2)) with a budget."""
+        if self.budget is not None:
+            return torch.full_like(n, max(1, (self.budget + 1) // 2))
+        return torch.clamp((self._p * n + self._q) // (2 * self._q), min=1)
+
+    # --- interface ------------------------------------------------------------------
+    def new_state(self, batch: int, device: torch.device) -> PolicyState | None:
+        return None
+
+    @abc.abstractmethod
+    def select(self, pos: torch.Tensor, t: torch.Tensor, state: PolicyState | None) -> torch.Tensor:
+        """Keys attended by the query at ``t``.
+
+        Stateless policies broadcast: ``pos`` (..., C) against ``t`` (..., 1), e.g.
+        ``pos[:, None, :]`` with ``t[:, :, None]`` selects for a whole chunk at once.
+        Stateful ones take ``pos`` (B, C) and ``t`` (B,).
+        """
+
+    def observe(self, state: PolicyState | None, pos: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, row: torch.Tensor) -> None:
+        """Feed back the attention row the query used: ``row`` (B, C), summed over heads, zero for padding queries."""
+
+    def retain(self, pos: torch.Tensor, t_next: torch.Tensor, state: PolicyState | None) -> torch.Tensor:
+        """Slots any future query (positions >= ``t_next``, (B,)) may still select: the decode cache keeps only these."""
+        return pos >= 0
+
+
+def causal(pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (pos >= 0) & (pos <= t)
+
+
+@register
+class Dense(Policy):
+    """Every key 0..t."""
+
+    name = "dense"
+
+    def __init__(self, sparsity: float | None = None, budget: int | None = None):
+        if budget is not None or (sparsity not in (None, 0, 0.0)):
+            raise ValueError(f"policy 'dense' takes no budget and only sparsity=0 (got sparsity={sparsity!r}, budget={budget!r})")
+        super().__init__(sparsity=0.0)
+
+    def select(self, pos, t, state):
+        return causal(pos, t)
+
+
+@register
+class Local(Policy):
+    """The K = max(1, round(r·n)) most recent keys, t included."""
+
+    name = "local"
+
+    def select(self, pos, t, state):
+        return causal(pos, t) & (pos > t - self.full_count(t + 1))
+
+    def retain(self, pos, t_next, state):
+        # The window's left edge never moves back (K grows by at most 1 per step).
+        t = t_next[:, None]
+        return (pos >= 0) & (pos > t - self.full_count(t + 1))
+
+
+@register
+class Strided(Policy):
+    """k most recent keys plus every j with (t − j) mod s = 0, s = max(1, ceil((n − k)/k)).
+
+    The strided set moves with t, so an old key leaves and comes back: the decode
+    cache must keep every key (compute is sparse, memory is not).
+    """
+
+    name = "strided"
+
+    def select(self, pos, t, state):
+        n = t + 1
+        k = self.half_count(n)
+        s = torch.clamp((n + k - 1) // k - 1, min=1)  # ceil((n-k)/k) = ceil(n/k) - 1
+        return causal(pos, t) & ((pos > t - k) | ((t - pos) % s == 0))
+
+
+@register
+class Sinks(Policy):
+    """StreamingLLM: the first 4 keys plus the K − 4 most recent (K as for local, at least 5)."""
+
+    name = "sinks"
+    n_sinks: ClassVar[int] = 4
+
+    def _recent(self, t):
+        return torch.clamp(self.full_count(t + 1), min=self.n_sinks + 1) - self.n_sinks
+
+    def select(self, pos, t, state):
+        return causal(pos, t) & ((pos < self.n_sinks) | (pos > t - self._recent(t)))
+
+    def retain(self, pos, t_next, state):
+        t = t_next[:, None]
+        return (pos >= 0) & ((pos < self.n_sinks) | (pos > t - self._recent(t)))
+
+
+def topk_mask(score: torch.Tensor, cand: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row, the ``k`` (B,) candidates with the highest score; ties to the more recent slot.
+
+    score (B, C) float, cand (B, C) bool. Slots are in position order, so flipping the
+    slot axis and sorting stably puts the larger position first among equal scores.
+    """
+    flipped = torch.where(cand, score, float("-inf")).flip(-1)
+    order = torch.sort(flipped, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return cand & (rank.flip(-1) < k[:, None])
+
+
+class TwoPart(Policy):
+    """Shared by h2o and swa: L = the k most recent keys, plus k more chosen by a score.
+
+    When 2k >= n the row is dense (SPEC §2). That can happen again after a sparse row
+    only while n <= ``dense_horizon``; until then the decode cache keeps every key.
+    """
+
+    stateful = True
+
+    def __init__(self, sparsity=None, budget=None):
+        super().__init__(sparsity=sparsity, budget=budget)
+        if self.budget is not None:
+            self.dense_horizon = 2 * max(1, (self.budget + 1) // 2)
+        elif self._p == self._q:
+            self.dense_horizon = math.inf  # sparsity 0: every row is dense
+        else:
+            # 2k <= r·n + 1, so a dense row needs n <= 1 / (1 - r).
+            ms = torch.arange(1, self._q // (self._q - self._p) + 1)
+            dense = 2 * self.half_count(ms) >= ms
+            self.dense_horizon = int(ms[dense].max()) if bool(dense.any()) else 0
+
+    def _rows(self, pos, t):
+        """Causal keys, the recent set L, k, and whether the row is dense. t: (B,)."""
+        tt = t[:, None]
+        n = tt + 1
+        k = self.half_count(n)
+        c = causal(pos, tt)
+        return c, c & (pos > tt - k), k[:, 0], (2 * k >= n)
+
+    def retain(self, pos, t_next, state):
+        keep = (pos >= 0) & self._still_needed(pos, t_next, state)
+        return keep | ((pos >= 0) & (t_next[:, None] + 1 <= self.dense_horizon))
+
+
+@register
+class H2O(TwoPart):
+    """Heavy-hitter oracle, causal: L plus the top-k by attention accumulated over all past
+    queries, among keys never evicted; a key attended by neither is evicted for good."""
+
+    name = "h2o"
+
+    def new_state(self, batch, device):
+        return PolicyState(slot={
+            "acc": torch.zeros(batch, 0, dtype=torch.float64, device=device),
+            "evicted": torch.zeros(batch, 0, dtype=torch.bool, device=device),
+        })
+
+    def select(self, pos, t, state):
+        c, recent, k, dense = self._rows(pos, t)
+        heavy = topk_mask(state.slot["acc"], c & ~recent & ~state.slot["evicted"], k)
+        return torch.where(dense, c, recent | heavy)
+
+    def observe(self, state, pos, t, keep, row):
+        state.slot["acc"] += row
+        state.slot["evicted"] |= causal(pos, t[:, None]) & ~keep
+
+    def _still_needed(self, pos, t_next, state):
+        return ~state.slot["evicted"]
+
+
+@register
+class SWA(TwoPart):
+    """ALISA Sparse Window Attention: L plus the top-k by S_j = Σ_{q=t−k}^{t−1} A_q[j]
+    among keys outside L with S_j > 0.
+
+    State: the rows of the score window in a ring indexed by ``q mod R``, their running
+    sum ``S`` (float64) and the count of non-zero entries ``nz`` per key (exact, so the
+    ``S_j > 0`` test never suffers from cancellation).
+    """
+
+    name = "swa"
+
+    def new_state(self, batch, device):
+        return PolicyState(
+            slot={
+                "S": torch.zeros(batch, 0, dtype=torch.float64, device=device),
+                "nz": torch.zeros(batch, 0, dtype=torch.int32, device=device),
+                "ring": torch.zeros(batch, 1, 0, dtype=torch.float32, device=device),
+            },
+            other={"ring_q": torch.full((batch, 1), -1, dtype=torch.long, device=device)},
+        )
+
+    def select(self, pos, t, state):
+        c, recent, k, dense = self._rows(pos, t)
+        glob = topk_mask(state.slot["S"], c & ~recent & (state.slot["nz"] > 0), k)
+        return torch.where(dense, c, recent | glob)
+
+    def _grow_ring(self, state, need: int):
+        ring, ring_q = state.slot["ring"], state.other["ring_q"]
+        R = ring.shape[1]
+        if need <= R:
+            return
+        R2 = max(need, 2 * R)
+        B, _, C = ring.shape
+        # Re-home row q from q mod R to q mod R2; empty rows go to a spare row R2, dropped after.
+        dest = torch.where(ring_q >= 0, ring_q % R2, R2)
+        new = ring.new_zeros(B, R2 + 1, C).scatter_(1, dest[:, :, None].expand(B, R, C), ring)
+        new_q = ring_q.new_full((B, R2 + 1), -1).scatter_(1, dest, ring_q)
+        state.slot["ring"], state.other["ring_q"] = new[:, :R2], new_q[:, :R2]
+
+    def observe(self, state, pos, t, keep, row):
+        real = t >= 0
+        # The window of query t is [t - k_t, t - 1]; the next query's is [t + 1 - k_{t+1}, t].
+        left_now = t - self.half_count(t + 1)
+        left_next = t + 1 - self.half_count(t + 2)
+        self._grow_ring(state, int(self.half_count(t.max() + 1)) + 1)
+        ring, ring_q, S, nz = state.slot["ring"], state.other["ring_q"], state.slot["S"], state.slot["nz"]
+        B, R, C = ring.shape
+        ar = torch.arange(B, device=ring.device)
+        # Row t enters the window.
+        S += row
+        nz += (row > 0).to(nz.dtype)
+        slot_t = torch.where(real, t % R, 0)
+        ring[ar, slot_t] = torch.where(real[:, None], row, ring[ar, slot_t])
+        ring_q[ar, slot_t] = torch.where(real, t, ring_q[ar, slot_t])
+        # Row left_now leaves it when the left edge moves (it moves by at most one).
+        slot_l = left_now.clamp(min=0) % R
+        leaving = real & (left_next > left_now) & (ring_q[ar, slot_l] == left_now)
+        old = ring[ar, slot_l] * leaving[:, None]
+        S -= old
+        nz -= (old > 0).to(nz.dtype)
+        ring_q[ar, slot_l] = torch.where(leaving, -1, ring_q[ar, slot_l])
+
+    def _still_needed(self, pos, t_next, state):
+        # SPEC's exact eviction: a key outside L whose window score is 0 is never chosen again.
+        tt = t_next[:, None]
+        return (pos > tt - self.half_count(tt + 1)) | (state.slot["nz"] > 0)
+
+
+def make_policy(name: str, sparsity: float | None = None, budget: int | None = None) -> Policy:
+    """Build a policy by registered name, e.g. ``make_policy("swa", sparsity=0.8)``."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown policy {name!r}: allowed are {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](sparsity=sparsity, budget=budget)
