@@ -214,7 +214,7 @@ def apply(model: PreTrainedModel, policy: Policy | str = "dense", prefill: str =
         raise RuntimeError("alisa.apply is already active on this model")
 
     ctl = Controller(model, policy, prefill)
-    base = model.base_model
+    base = model.get_decoder()  # the module that receives the inputs and the cache (OPT: the decoder, not OPTModel)
     cache_kw = _cache_kwarg(base)
     sig = inspect.signature(base.forward)
     n_layers = model.config.num_hidden_layers

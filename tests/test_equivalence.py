@@ -1,0 +1,117 @@
+"""SPEC §3: the simulation (one forward) and the decode path compute the same function."""
+
+import pytest
+import torch
+
+import alisa
+from conftest import padded_batch
+
+POLICY_SETTINGS = [
+    ("dense", {}),
+    ("local", dict(sparsity=0.8)),
+    ("strided", dict(sparsity=0.5)),
+    ("sinks", dict(sparsity=0.7)),
+    ("h2o", dict(sparsity=0.8)),
+    ("h2o", dict(budget=9)),
+    ("swa", dict(sparsity=0.8)),
+    ("swa", dict(sparsity=0.5)),
+    ("swa", dict(budget=9)),
+]
+T = 40
+SPLITS = (1, 13, 30)
+
+
+def decode(model, ids, mask, split, **kw):
+    """Prefill ids[:, :split], then one token at a time; logits (B, T, V) and the final cache."""
+    out = model(ids[:, :split], attention_mask=mask[:, :split], use_cache=True, **kw)
+    cache, logits = out.cache, [out.logits]
+    for i in range(split, ids.shape[1]):
+        out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], cache=cache, use_cache=True)
+        cache = out.cache
+        logits.append(out.logits)
+    return torch.cat(logits, 1), cache
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name,kw", POLICY_SETTINGS, ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for n, kw in POLICY_SETTINGS])
+def test_simulation_equals_decode(family_model, name, kw):
+    ids, mask = padded_batch(T)
+    real = mask.bool()
+    with alisa.apply(family_model, name, **kw):
+        sim = family_model(ids, attention_mask=mask, use_cache=False).logits
+        for split in SPLITS:
+            dec, cache = decode(family_model, ids, mask, split)
+            err = (sim - dec)[real].abs().max().item()
+            assert err < 1e-4, f"{name} {kw} split {split}: max |sim - decode| = {err:.2e}"
+            assert isinstance(cache, alisa.AlisaCache)
+
+
+@torch.no_grad()
+def test_dense_equals_unmodified_model(family_model):
+    ids, mask = padded_batch(T)
+    real = mask.bool()
+    ref = family_model(ids, attention_mask=mask, use_cache=False).logits
+    with alisa.apply(family_model, "dense"):
+        sim = family_model(ids, attention_mask=mask, use_cache=False).logits
+        dec, _ = decode(family_model, ids, mask, 17)
+    assert (sim - ref)[real].abs().max().item() < 1e-5
+    assert (dec - ref)[real].abs().max().item() < 1e-5
+
+
+@torch.no_grad()
+def test_generate_uses_evicting_cache(family_model):
+    ids, mask = padded_batch(24)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=1)
+    ref = family_model.generate(ids, attention_mask=mask, **gen)
+    with alisa.apply(family_model, "dense") as run:
+        assert torch.equal(family_model.generate(ids, attention_mask=mask, **gen), ref)
+        assert isinstance(run.last_cache, alisa.AlisaCache)
+    with alisa.apply(family_model, "swa", sparsity=0.8) as run:
+        out = family_model.generate(ids, attention_mask=mask, **gen)
+        held = run.last_cache.tokens_held()
+    assert out.shape == ref.shape
+    seen = 24 + 6 - 1
+    assert max(held) < seen / 2, held
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["local", "sinks", "h2o", "swa"])
+def test_dense_prefill(family_model, name):
+    """prefill=dense: the prompt attends fully (its logits are the unmodified model's); then the policy runs."""
+    ids, mask = padded_batch(T)
+    split = 25
+    ref = family_model(ids, attention_mask=mask, use_cache=False).logits
+    with alisa.apply(family_model, name, sparsity=0.8, prefill="dense"):
+        dec, cache = decode(family_model, ids, mask, split)
+    real = mask.bool()
+    assert (dec - ref)[:, :split][real[:, :split]].abs().max().item() < 1e-5
+    assert (dec - ref)[:, split:].abs().max().item() > 1e-3  # the policy is active after the prompt
+    assert max(cache.tokens_held()) < T
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", sorted(alisa.POLICIES))
+def test_sparsity_zero_is_dense(family_model, name):
+    ids, mask = padded_batch(T)
+    real = mask.bool()
+    ref = family_model(ids, attention_mask=mask, use_cache=False).logits
+    with alisa.apply(family_model, name, sparsity=0.0):
+        sim = family_model(ids, attention_mask=mask, use_cache=False).logits
+        dec, _ = decode(family_model, ids, mask, 9)
+    assert (sim - ref)[real].abs().max().item() < 1e-5
+    assert (dec - ref)[real].abs().max().item() < 1e-5
+
+
+def test_apply_restores_model(family_model):
+    impl = family_model.config._attn_implementation
+    n_hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in family_model.modules())
+    ids, mask = padded_batch(8)
+    with pytest.raises(RuntimeError, match="boom"):
+        with alisa.apply(family_model, "swa", sparsity=0.5):
+            assert family_model.config._attn_implementation == "alisa"
+            raise RuntimeError("boom")
+    assert family_model.config._attn_implementation == impl
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in family_model.modules()) == n_hooks
+    with torch.no_grad():
+        out = family_model(ids, attention_mask=mask, use_cache=True)
+    assert not isinstance(out.cache, alisa.AlisaCache)
