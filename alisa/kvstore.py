@@ -61,6 +61,8 @@ class SlotStore:
     def evict(self, retain: torch.Tensor) -> None:
         """Forget every slot not in ``retain`` (B, used): it is never attended again."""
         self.pos[:, :self.used] = torch.where(retain, self.pos[:, :self.used], -1)
+        if 2 * int(self.tokens_held().max()) < self.capacity:  # e.g. after a prompt: give the memory back now
+            self.compact()
 
     def compact(self, extra: int = 0) -> None:
         """Move live slots to the front (order kept) and resize to fit them plus ``extra``."""

@@ -300,6 +300,7 @@ class SWA(TwoPart):
 
     def observe(self, state, pos, t, keep, row):
         real = t >= 0
+        row = row.to(state.slot["ring"].dtype)  # S adds exactly what the ring will later subtract
         # The window of query t is [t - k_t, t - 1]; the next query's is [t + 1 - k_{t+1}, t].
         left_now = t - self.half_count(t + 1)
         left_next = t + 1 - self.half_count(t + 2)
