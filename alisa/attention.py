@@ -63,12 +63,12 @@ def policy_attention(
     B, Hq, Q, D = query.shape
     Hkv = key.shape[1]
 
-    def allowed(sel: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return sel if sliding_window is None else sel & (t - pos_b < sliding_window)
+    def allowed(sel: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return sel if sliding_window is None else sel & (t - p < sliding_window)  # the model's own window
 
     if not policy.stateful:
         pos_b, t = pos[:, None, :], q_pos[:, :, None]  # (B, 1, C), (B, Q, 1)
-        keep = allowed(causal(pos_b, t) if dense else policy.select(pos_b, t, None), t)  # (B, Q, C)
+        keep = allowed(causal(pos_b, t) if dense else policy.select(pos_b, t, None), pos_b, t)  # (B, Q, C)
         if stats is not None:
             stats.add(layer, keep, q_pos)
         # A padding query attends everything: its output is never used, but must stay finite.
@@ -80,15 +80,14 @@ def policy_attention(
     G = Hq // Hkv
     logits = torch.matmul(query.view(B, Hkv, G, Q, D), key[:, :, None].transpose(-1, -2)).float() * scaling  # (B, Hkv, G, Q, C)
     probs = torch.empty_like(logits)
-    pos_b = pos
     keeps = []
     for i in range(Q):
         t = q_pos[:, i]
-        keep = allowed(causal(pos, t[:, None]) if dense else policy.select(pos, t, store.state), t[:, None])
+        keep = allowed(causal(pos, t[:, None]) if dense else policy.select(pos, t, store.state), pos, t[:, None])
         attend = keep | (t < 0)[:, None]
         p = torch.softmax(logits[:, :, :, i].masked_fill(~attend[:, None, None], float("-inf")), dim=-1)
         probs[:, :, :, i] = p
-        row = p.sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, C)
+        row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, C)
         policy.observe(store.state, pos, t, keep, row)
         keeps.append(keep)
     if stats is not None:

@@ -238,6 +238,8 @@ def apply(model: PreTrainedModel, policy: Policy | str = "dense", prefill: str =
                 raise ValueError(f"a {type(cache).__name__} that already holds tokens was passed; inside alisa.apply "
                                  "continue only with the cache a previous call returned")
             cache = None  # a fresh default cache (e.g. from generate): replace it with ours
+        if isinstance(cache, AlisaCache) and cache.policy is not policy:
+            raise ValueError(f"the cache passed was built under {cache.policy!r}, not this context's {policy!r}")
         if cache is None and use_cache:
             cache = AlisaCache(policy, n_layers)
         kwargs.pop("past_key_values", None)
