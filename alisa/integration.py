@@ -134,8 +134,8 @@ class _Chunk:
 class Controller:
     """What one ``apply`` context knows: the policy, the current chunk, measured stats."""
 
-    def __init__(self, model: PreTrainedModel, policy: Policy, prefill: str):
-        self.model, self.policy, self.prefill = model, policy, prefill
+    def __init__(self, policy: Policy, prefill: str):
+        self.policy, self.prefill = policy, prefill
         self.stats = KeptStats()
         self.chunk: _Chunk | None = None
         self.last_cache: AlisaCache | None = None
@@ -213,7 +213,7 @@ def apply(model: PreTrainedModel, policy: Policy | str = "dense", prefill: str =
     if model in _CONTROLLERS:
         raise RuntimeError("alisa.apply is already active on this model")
 
-    ctl = Controller(model, policy, prefill)
+    ctl = Controller(policy, prefill)
     base = model.get_decoder()  # the module that receives the inputs and the cache (OPT: the decoder, not OPTModel)
     cache_kw = _cache_kwarg(base)
     sig = inspect.signature(base.forward)
