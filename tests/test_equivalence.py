@@ -115,3 +115,23 @@ def test_apply_restores_model(family_model):
     with torch.no_grad():
         out = family_model(ids, attention_mask=mask, use_cache=True)
     assert not isinstance(out.cache, alisa.AlisaCache)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("gen", [dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, num_return_sequences=2)])
+def test_beam_search_and_repeated_sequences(gen):
+    """Cache reorder / repeat moves keys and policy state together: dense matches stock generate."""
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch(20)
+    kw = dict(max_new_tokens=5, pad_token_id=1, **gen)
+    torch.manual_seed(0)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    with alisa.apply(model, "dense"):
+        torch.manual_seed(0)
+        assert torch.equal(model.generate(ids, attention_mask=mask, **kw), ref)
+    with alisa.apply(model, "swa", sparsity=0.8) as run:
+        out = model.generate(ids, attention_mask=mask, **kw)
+        assert out.shape == ref.shape
+        assert run.last_cache.n_real.shape[0] == 3 * gen.get("num_beams", gen["num_return_sequences"])
