@@ -1,0 +1,152 @@
+"""Typed configuration of ``python -m alisa.eval`` (Hydra structured configs).
+
+A mistyped key or a value of the wrong type fails when Hydra composes the config;
+:func:`validate` then checks values (policy names, sparsity range, tasks, data folder,
+device) before any model is loaded. Every error is one line naming the bad value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """Bad user input in the run configuration."""
+
+
+@dataclass
+class ModelConf:
+    name: str = "smollm2-135m"  # smollm2-135m | random:<shape> | local folder | hub id
+    dtype: Optional[str] = None  # float32 | float16 | bfloat16; None: the model's own
+    device: str = "cpu"  # cpu | cuda
+    hf_config: Optional[dict[str, Any]] = None  # shape of a random: model (conf/model/*.yaml)
+
+
+@dataclass
+class GridConf:
+    """The (policy, sparsity or budget) points. dense runs once, at sparsity 0."""
+
+    policies: list[str] = field(default_factory=lambda: ["dense"])
+    sparsities: list[float] = field(default_factory=lambda: [0.8])
+    budgets: list[int] = field(default_factory=list)  # fixed token budgets, in addition to sparsities
+    prefill: str = "sparse"
+
+
+@dataclass
+class LoggerConf:
+    wandb: str = "offline"  # offline | online | disabled
+    project: str = "alisa"
+    entity: Optional[str] = None
+
+
+@dataclass
+class EvalConf:
+    experiment: str = "adhoc"
+    model: ModelConf = field(default_factory=ModelConf)
+    grid: GridConf = field(default_factory=GridConf)
+    tasks: list[str] = field(default_factory=lambda: ["piqa_local"])
+    num_fewshot: Optional[int] = None  # None: each task's own default
+    limit: Optional[float] = None  # docs per task (int) or fraction (< 1); None: all
+    batch_size: int = 1
+    seed: int = 1234
+    tasks_dir: str = str(REPO / "tasks")
+    data_dir: Optional[str] = None  # default: $ALISA_DATA_DIR or ~/.cache/alisa/data
+    results_dir: str = "results"
+    run_id: Optional[str] = None  # default: a timestamp
+    logger: LoggerConf = field(default_factory=LoggerConf)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="eval_schema", node=EvalConf)
+    cs.store(group="model", name="model_schema", node=ModelConf)
+
+
+WANDB_MODES = ("offline", "online", "disabled")
+DEVICES = ("cpu", "cuda")
+
+
+def grid_points(grid: GridConf) -> list[dict]:
+    """Expand the grid: [{'policy', 'sparsity', 'budget'}], dense once."""
+    points: list[dict] = []
+    for name in grid.policies:
+        if name == "dense":
+            points.append({"policy": "dense", "sparsity": 0.0, "budget": None})
+            continue
+        points += [{"policy": name, "sparsity": float(s), "budget": None} for s in grid.sparsities]
+        points += [{"policy": name, "sparsity": None, "budget": int(b)} for b in grid.budgets]
+    return points
+
+
+def policy_kwargs(p: dict) -> dict:
+    """make_policy keyword arguments of a grid point."""
+    if p["budget"] is not None:
+        return {"budget": p["budget"]}
+    return {} if p["policy"] == "dense" else {"sparsity": p["sparsity"]}
+
+
+def point_id(p: dict) -> str:
+    return f"{p['policy']}-b{p['budget']}" if p["budget"] is not None else f"{p['policy']}-s{p['sparsity']:g}"
+
+
+def validate(cfg) -> list[dict]:
+    """Check values before anything heavy runs; returns the grid points."""
+    from .integration import PREFILL_MODES
+    from .policies import REGISTRY, make_policy
+
+    g = cfg.grid
+    if not g.policies:
+        raise ConfigError("grid.policies is empty: allowed are " + ", ".join(sorted(REGISTRY)))
+    for name in g.policies:
+        if name not in REGISTRY:
+            raise ConfigError(f"unknown policy {name!r}: allowed are {', '.join(sorted(REGISTRY))}")
+    for s in g.sparsities:
+        if not (isinstance(s, (int, float)) and math.isfinite(s) and 0 <= s < 1):
+            raise ConfigError(f"sparsity={s!r} is invalid: allowed is a number in [0, 1)")
+    for b in g.budgets:
+        if b < 1:
+            raise ConfigError(f"budget={b!r} is invalid: allowed is an integer >= 1 (tokens)")
+    if g.prefill not in PREFILL_MODES:
+        raise ConfigError(f"grid.prefill={g.prefill!r} is invalid: allowed are {', '.join(PREFILL_MODES)}")
+    points = grid_points(g)
+    if not points:
+        raise ConfigError("the grid is empty: give grid.sparsities or grid.budgets for the non-dense policies")
+    for p in points:
+        try:
+            make_policy(p["policy"], **policy_kwargs(p))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.limit is not None and not cfg.limit > 0:
+        raise ConfigError(f"limit={cfg.limit!r} is invalid: allowed is a positive count, a fraction in (0, 1), or null")
+    if cfg.num_fewshot is not None and cfg.num_fewshot < 0:
+        raise ConfigError(f"num_fewshot={cfg.num_fewshot!r} is invalid: allowed is an integer >= 0 or null")
+    if cfg.model.device not in DEVICES:
+        raise ConfigError(f"model.device={cfg.model.device!r} is invalid: allowed are {', '.join(DEVICES)}")
+    if cfg.model.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("model.device='cuda' asked for, but no CUDA GPU is available here: use model.device=cpu")
+    if cfg.logger.wandb not in WANDB_MODES:
+        raise ConfigError(f"logger.wandb={cfg.logger.wandb!r} is invalid: allowed are {', '.join(WANDB_MODES)}")
+    if not cfg.tasks:
+        raise ConfigError("tasks is empty: name at least one task (e.g. tasks=[piqa_local])")
+    tasks_dir = Path(cfg.tasks_dir)
+    if not tasks_dir.is_dir():
+        raise ConfigError(f"tasks_dir={str(tasks_dir)!r} does not exist")
+    if any(t.endswith("_local") for t in cfg.tasks):
+        from .data import data_dir as default_data_dir
+
+        data = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    if any(t.endswith("_local") for t in cfg.tasks) and not data.is_dir():
+        raise ConfigError(f"data folder {str(data)!r} does not exist: run `python -m alisa.data prepare` "
+                          "(or set data_dir= / $ALISA_DATA_DIR)")
+    return points

@@ -1,0 +1,106 @@
+"""W&B logging, read from the result records (nothing imports this back).
+
+One W&B run per grid point (config = the point, summary = its metrics per task),
+grouped by experiment, plus a ``summary`` run with the trade-off table and the plots.
+Offline by default: runs land in ``<results dir>/wandb/`` for ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WandbLogger:
+    def __init__(self, conf, run_dir: Path, experiment: str):
+        self.mode, self.project, self.entity = conf.wandb, conf.project, conf.entity
+        self.run_dir, self.experiment = Path(run_dir), experiment
+        self._run = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "disabled"
+
+    def _init(self, name: str, config: dict):
+        import wandb  # lazily: only when logging is on
+
+        self._run = wandb.init(project=self.project, entity=self.entity, group=self.experiment, name=name,
+                               config=config, mode=self.mode, dir=str(self.run_dir), job_type="eval",
+                               settings=wandb.Settings(silent=True, console="off"))
+        return self._run
+
+    def log_point(self, point: dict, records: list[dict]) -> None:
+        if not self.enabled:
+            return
+        first = records[0]
+        config = {**point, "experiment": self.experiment, "model": first["model"]["name"], "seed": first["seed"],
+                  "limit": first["limit"], "prefill": first["prefill"], "git_commit": first["git_commit"]}
+        run = self._init(first["point_id"], config)
+        summary = {}
+        for r in records:
+            for name, m in r["metrics"].items():
+                summary[f"{r['task']}/{name}"] = m["value"]
+                if m["stderr"] is not None:
+                    summary[f"{r['task']}/{name}_stderr"] = m["stderr"]
+            summary[f"{r['task']}/kept_fraction"] = r["kept_fraction"]["overall"]
+        run.summary.update(summary)
+        self.finish()
+
+    def log_summary(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        import wandb
+
+        run = self._init("summary", {"experiment": self.experiment})
+        rows = summary["rows"]
+        cols = list(rows[0])
+        run.log({"tradeoff": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows]),
+                 **{f"plots/{p.stem}": wandb.Image(str(p)) for p in summary["plots"]}})
+        self.finish()
+
+    def finish(self) -> None:
+        if self._run is not None:
+            try:
+                self._run.finish()
+            finally:
+                self._run = None
+
+
+def read_offline_run(path: Path) -> dict:
+    """Config, summary and logged keys of an offline ``run-*.wandb`` file (what ``wandb sync`` would upload).
+
+    The file is a LevelDB-style log (32 KiB blocks of records: crc32c, length, type) of
+    protobuf ``Record`` messages after a 7-byte ``:W&B`` header.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{str(path)!r} is not a W&B run file")
+    out = {"name": None, "config": {}, "summary": {}, "history_keys": set()}
+    block, off, chunks = 32768, 7, []
+    while off + 7 <= len(data):
+        room = block - off % block
+        if room < 7:  # block trailer padding
+            off += room
+            continue
+        length, kind = struct.unpack_from("<HB", data, off + 4)
+        chunks.append(data[off + 7: off + 7 + length])
+        off += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            rec = pb.Record()
+            rec.ParseFromString(b"".join(chunks))
+            chunks = []
+            which = rec.WhichOneof("record_type")
+            if which == "run":
+                out["name"] = rec.run.display_name
+                out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+            elif which == "config":
+                out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+            elif which == "summary":
+                out["summary"].update({i.key: json.loads(i.value_json) for i in rec.summary.update})
+            elif which == "history":
+                out["history_keys"].update(i.key or ".".join(i.nested_key) for i in rec.history.item)
+    return out
