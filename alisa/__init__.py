@@ -26,7 +26,10 @@ __all__ = list(_EXPORTS)
 
 def __getattr__(name):
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'alisa' has no attribute {name!r}")
+        try:
+            return importlib.import_module(f".{name}", __name__)  # a submodule, e.g. alisa.policies
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'alisa' has no attribute {name!r}") from None
     module, attr = _EXPORTS[name]
     value = getattr(importlib.import_module(f".{module}", __name__), attr)
     globals()[name] = value

@@ -55,6 +55,8 @@ class EvalConf:
     tasks: list[str] = field(default_factory=lambda: ["piqa_local"])
     num_fewshot: Optional[int] = None  # None: each task's own default
     limit: Optional[float] = None  # docs per task (int) or fraction (< 1); None: all
+    task_limits: dict[str, float] = field(default_factory=dict)  # per-task override of limit
+    max_length: Optional[int] = None  # context of the model in tokens (rolling perplexity windows); None: the model's
     batch_size: int = 1
     seed: int = 1234
     tasks_dir: str = str(REPO / "tasks")
@@ -126,6 +128,13 @@ def validate(cfg) -> list[dict]:
             raise ConfigError(str(e)) from None
     if cfg.limit is not None and not cfg.limit > 0:
         raise ConfigError(f"limit={cfg.limit!r} is invalid: allowed is a positive count, a fraction in (0, 1), or null")
+    for t, lim in cfg.task_limits.items():
+        if t not in cfg.tasks:
+            raise ConfigError(f"task_limits names {t!r}, which is not in tasks: allowed are {', '.join(cfg.tasks)}")
+        if not lim > 0:
+            raise ConfigError(f"task_limits.{t}={lim!r} is invalid: allowed is a positive count or fraction")
+    if cfg.max_length is not None and cfg.max_length < 16:
+        raise ConfigError(f"max_length={cfg.max_length!r} is invalid: allowed is an integer >= 16 or null")
     if cfg.num_fewshot is not None and cfg.num_fewshot < 0:
         raise ConfigError(f"num_fewshot={cfg.num_fewshot!r} is invalid: allowed is an integer >= 0 or null")
     if cfg.model.device not in DEVICES:

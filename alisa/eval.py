@@ -77,7 +77,7 @@ def run_experiment(cfg) -> Path:
         "experiment": cfg.experiment, "run_id": run_id,
         "model": {"name": cfg.model.name, "dtype": str(model.dtype).removeprefix("torch."), "device": cfg.model.device,
                   "random_weights": cfg.model.name.startswith("random:")},
-        "seed": cfg.seed, "limit": cfg.limit, "prefill": cfg.grid.prefill,
+        "seed": cfg.seed, "prefill": cfg.grid.prefill, "max_length": cfg.max_length,
         "git_commit": git_commit(), "versions": versions(), "hardware": hardware(cfg.model.device),
     }
     logger = WandbLogger(cfg.logger, run_dir, cfg.experiment)
@@ -91,10 +91,11 @@ def run_experiment(cfg) -> Path:
             for task in cfg.tasks:
                 bar.set_postfix_str(f"{point_id(p)} {task}")
                 lm = AlisaLM(pretrained=model, tokenizer=tok, policy=p["policy"], prefill=cfg.grid.prefill,
-                             batch_size=cfg.batch_size, **policy_kwargs(p))
+                             batch_size=cfg.batch_size, max_length=cfg.max_length, **policy_kwargs(p))
+                limit = cfg.task_limits.get(task, cfg.limit)
                 t0 = time.perf_counter()
                 try:
-                    out = simple_evaluate(model=lm, tasks=[task], num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                    out = simple_evaluate(model=lm, tasks=[task], num_fewshot=cfg.num_fewshot, limit=limit,
                                           task_manager=tm, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
                                           torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
                                           bootstrap_iters=1000, log_samples=False, verbosity="WARNING")
@@ -103,7 +104,7 @@ def run_experiment(cfg) -> Path:
                 wall = time.perf_counter() - t0
                 metrics = _metrics(out["results"][task])
                 kept = lm.kept_fraction()
-                rec = {**common, **p, "point_id": point_id(p), "task": task, "metrics": metrics,
+                rec = {**common, **p, "point_id": point_id(p), "task": task, "metrics": metrics, "limit": limit,
                        "primary_metric": primary_metric(metrics),
                        "num_fewshot": out.get("n-shot", {}).get(task, cfg.num_fewshot),
                        "n_docs": out.get("n-samples", {}).get(task, {}).get("effective"),

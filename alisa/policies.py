@@ -82,17 +82,22 @@ class Policy(abc.ABC):
         """Plain description, for results files."""
         return {"policy": self.name, "sparsity": self.sparsity, "budget": self.budget}
 
-    # --- counts (round is round-half-up), on int64 tensors -------------------------
-    def full_count(self, n: torch.Tensor) -> torch.Tensor:
+    # --- counts (round is round-half-up), on ints or int64 tensors ----------------
+    def full_count(self, n):
         """K = max(1, round(r·n)), or min(n, B) with a budget."""
+        if isinstance(n, int):
+            return min(n, self.budget) if self.budget is not None else max(1, (2 * self._p * n + self._q) // (2 * self._q))
         if self.budget is not None:
             return torch.clamp(n, max=self.budget)
         return torch.clamp((2 * self._p * n + self._q) // (2 * self._q), min=1)
 
-    def half_count(self, n: torch.Tensor) -> torch.Tensor:
+    def half_count(self, n):
         """k = max(1, round(r·n/2)), or max(1, round(B/2)) with a budget."""
         if self.budget is not None:
-            return torch.full_like(n, max(1, (self.budget + 1) // 2))
+            k = max(1, (self.budget + 1) // 2)
+            return k if isinstance(n, int) else torch.full_like(n, k)
+        if isinstance(n, int):
+            return max(1, (self._p * n + self._q) // (2 * self._q))
         return torch.clamp((self._p * n + self._q) // (2 * self._q), min=1)
 
     # --- interface ------------------------------------------------------------------
@@ -195,7 +200,7 @@ def topk_mask(score: torch.Tensor, cand: torch.Tensor, k: torch.Tensor) -> torch
     order = torch.sort(flipped, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return cand & (rank.flip(-1) < k[:, None])
+    return cand & (rank.flip(-1) < (k if isinstance(k, int) else k[:, None]))
 
 
 class TwoPart(Policy):
@@ -220,7 +225,16 @@ class TwoPart(Policy):
             self.dense_horizon = int(ms[dense].max()) if bool(dense.any()) else 0
 
     def _rows(self, pos, t):
-        """Causal keys, the recent set L, k, and whether the row is dense. t: (B,)."""
+        """Causal keys, the recent set L, k, and whether the row is dense. t: (B,).
+
+        With one sequence, k and the dense test are Python numbers: far fewer tensor ops
+        per query, which is what the accuracy path spends its time on.
+        """
+        if t.numel() == 1:
+            ti = int(t)
+            k = self.half_count(ti + 1)
+            c = (pos >= 0) & (pos <= ti)
+            return c, c & (pos > ti - k), k, 2 * k >= ti + 1
         tt = t[:, None]
         n = tt + 1
         k = self.half_count(n)
@@ -247,8 +261,10 @@ class H2O(TwoPart):
 
     def select(self, pos, t, state):
         c, recent, k, dense = self._rows(pos, t)
+        if dense is True:
+            return c
         heavy = topk_mask(state.slot["acc"], c & ~recent & ~state.slot["evicted"], k)
-        return torch.where(dense, c, recent | heavy)
+        return recent | heavy if dense is False else torch.where(dense, c, recent | heavy)
 
     def observe(self, state, pos, t, keep, row):
         state.slot["acc"] += row
@@ -282,8 +298,10 @@ class SWA(TwoPart):
 
     def select(self, pos, t, state):
         c, recent, k, dense = self._rows(pos, t)
+        if dense is True:
+            return c
         glob = topk_mask(state.slot["S"], c & ~recent & (state.slot["nz"] > 0), k)
-        return torch.where(dense, c, recent | glob)
+        return recent | glob if dense is False else torch.where(dense, c, recent | glob)
 
     def _grow_ring(self, state, need: int):
         ring, ring_q = state.slot["ring"], state.other["ring_q"]
@@ -299,8 +317,10 @@ class SWA(TwoPart):
         state.slot["ring"], state.other["ring_q"] = new[:, :R2], new_q[:, :R2]
 
     def observe(self, state, pos, t, keep, row):
-        real = t >= 0
         row = row.to(state.slot["ring"].dtype)  # S adds exactly what the ring will later subtract
+        if t.numel() == 1:
+            return self._observe_one(state, int(t), row)
+        real = t >= 0
         # The window of query t is [t - k_t, t - 1]; the next query's is [t + 1 - k_{t+1}, t].
         left_now = t - self.half_count(t + 1)
         left_next = t + 1 - self.half_count(t + 2)
@@ -321,6 +341,26 @@ class SWA(TwoPart):
         S -= old
         nz -= (old > 0).to(nz.dtype)
         ring_q[ar, slot_l] = torch.where(leaving, -1, ring_q[ar, slot_l])
+
+    def _observe_one(self, state, t: int, row):
+        """observe() for a single sequence, with Python arithmetic (same function)."""
+        if t < 0:
+            return
+        left_now, left_next = t - self.half_count(t + 1), t + 1 - self.half_count(t + 2)
+        self._grow_ring(state, self.half_count(t + 1) + 1)
+        ring, ring_q, S, nz = state.slot["ring"], state.other["ring_q"], state.slot["S"], state.slot["nz"]
+        R = ring.shape[1]
+        S += row
+        nz += (row > 0).to(nz.dtype)
+        ring[:, t % R] = row
+        ring_q[:, t % R] = t
+        if left_next > left_now >= 0:
+            sl = left_now % R
+            leaving = ring_q[:, sl] == left_now
+            old = ring[:, sl] * leaving[:, None]
+            S -= old
+            nz -= (old > 0).to(nz.dtype)
+            ring_q[:, sl] = torch.where(leaving, -1, ring_q[:, sl])
 
     def _still_needed(self, pos, t_next, state):
         # SPEC's exact eviction: a key outside L whose window score is 0 is never chosen again.

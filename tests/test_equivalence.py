@@ -135,3 +135,19 @@ def test_beam_search_and_repeated_sequences(gen):
         out = model.generate(ids, attention_mask=mask, **kw)
         assert out.shape == ref.shape
         assert run.last_cache.n_real.shape[0] == 3 * gen.get("num_beams", gen["num_return_sequences"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name,kw", [("h2o", dict(sparsity=0.8)), ("swa", dict(sparsity=0.8)), ("swa", dict(budget=9))])
+def test_single_sequence_path_matches_batched(family_model, name, kw):
+    """One sequence takes a faster route through the policy (Python counts); it is the same function."""
+    ids, mask = padded_batch(T)
+    with alisa.apply(family_model, name, **kw):
+        batched = family_model(ids, attention_mask=mask, use_cache=False).logits
+        for b in range(ids.shape[0]):
+            real = mask[b].bool()
+            one = ids[b, real][None]
+            sim = family_model(one, use_cache=False).logits[0]
+            assert (sim - batched[b, real]).abs().max().item() < 1e-4
+            dec, _ = decode(family_model, one, torch.ones_like(one), 7)
+            assert (sim - dec[0]).abs().max().item() < 1e-4
