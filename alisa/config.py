@@ -49,7 +49,7 @@ class LoggerConf:
 
 @dataclass
 class EvalConf:
-    experiment: str = "adhoc"
+    experiment_name: str = "adhoc"  # results/<experiment_name>/<run id>/
     model: ModelConf = field(default_factory=ModelConf)
     grid: GridConf = field(default_factory=GridConf)
     tasks: list[str] = field(default_factory=lambda: ["piqa_local"])

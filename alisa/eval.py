@@ -55,7 +55,7 @@ def run_experiment(cfg) -> Path:
         if t not in tm.all_tasks:
             raise ConfigError(f"unknown task {t!r}: local tasks are {', '.join(local)} (or any stock lm-eval task name)")
     run_id = cfg.run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.results_dir) / cfg.experiment / run_id
+    run_dir = Path(cfg.results_dir) / cfg.experiment_name / run_id
     if run_dir.exists():
         raise ConfigError(f"results folder {str(run_dir)!r} already exists: choose another run_id")
     _check_writable(Path(cfg.results_dir))
@@ -74,18 +74,18 @@ def run_experiment(cfg) -> Path:
     run_dir.mkdir(parents=True)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     common = {
-        "experiment": cfg.experiment, "run_id": run_id,
+        "experiment": cfg.experiment_name, "run_id": run_id,
         "model": {"name": cfg.model.name, "dtype": str(model.dtype).removeprefix("torch."), "device": cfg.model.device,
                   "random_weights": cfg.model.name.startswith("random:")},
         "seed": cfg.seed, "prefill": cfg.grid.prefill, "max_length": cfg.max_length,
         "git_commit": git_commit(), "versions": versions(), "hardware": hardware(cfg.model.device),
     }
-    logger = WandbLogger(cfg.logger, run_dir, cfg.experiment)
+    logger = WandbLogger(cfg.logger, run_dir, cfg.experiment_name)
     from lm_eval import simple_evaluate
     from tqdm import tqdm
 
     try:
-        bar = tqdm(total=len(points) * len(cfg.tasks), desc=cfg.experiment, unit="eval", file=sys.stderr)
+        bar = tqdm(total=len(points) * len(cfg.tasks), desc=cfg.experiment_name, unit="eval", file=sys.stderr)
         for p in points:
             records = []
             for task in cfg.tasks:
@@ -157,8 +157,21 @@ def precheck(argv: list[str]) -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             compose(config_name="config", overrides=argv)
     except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()
-        raise ConfigError(" ".join(line.strip() for line in first[:3] if line.strip())) from None
+        raise ConfigError(_one_line(e)) from None
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra's error, its cause, and the keys allowed where a key was unknown, on one line."""
+    import dataclasses
+
+    msg = str(e).strip().splitlines()[0].rstrip(".")
+    cause = e.__cause__
+    if cause is not None and str(cause).strip():
+        msg += ": " + str(cause).strip().splitlines()[0]
+        typ = getattr(cause, "object_type", None)
+        if "not in" in str(cause) and dataclasses.is_dataclass(typ):
+            msg += f" (allowed keys: {', '.join(f.name for f in dataclasses.fields(typ))})"
+    return msg
 
 
 def main() -> None:

@@ -1,0 +1,106 @@
+"""The Hydra runner: typed config, results folder, report, W&B offline runs, one-line errors."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from alisa.config import register_configs
+from alisa.eval import CONF_DIR, run_experiment
+from alisa.report import main as report_main
+from alisa.wandb_log import read_offline_run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_task(folder: Path) -> Path:
+    """A 6-document multiple-choice task with its data beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"q": f"Is {i} an even number?", "a": ["yes", "no"][i % 2]} for i in range(6)]
+    (folder / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (folder / "tiny.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'd.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{q}}}} Answer:"
+doc_to_target: "{{{{a}}}}"
+doc_to_choice: ["yes", "no"]
+metric_list:
+  - metric: acc
+""")
+    return folder
+
+
+def compose_cfg(overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_run_writes_results_report_and_wandb(tmp_path):
+    tasks = make_task(tmp_path / "tasks")
+    cfg = compose_cfg([f"tasks_dir={tasks}", "tasks=[tiny_mc]", "grid.policies=[dense,swa]", "grid.sparsities=[0.8]",
+                       f"results_dir={tmp_path / 'results'}", "run_id=r1", "experiment_name=unit"])
+    run = run_experiment(cfg)
+    assert run == tmp_path / "results" / "unit" / "r1"
+    assert (run / "config.yaml").exists()
+    recs = {p.name: json.loads(p.read_text()) for p in (run / "points").glob("*.json")}
+    assert sorted(recs) == ["dense-s0__tiny_mc.json", "swa-s0.8__tiny_mc.json"]
+    swa = recs["swa-s0.8__tiny_mc.json"]
+    assert swa["policy"] == "swa" and swa["sparsity"] == 0.8 and swa["task"] == "tiny_mc" and swa["n_docs"] == 6
+    assert set(swa["metrics"]["acc"]) == {"value", "stderr"} and swa["primary_metric"] == "acc"
+    assert len(swa["kept_fraction"]["per_layer"]) == 30 and 0 < swa["kept_fraction"]["overall"] < 1
+    assert recs["dense-s0__tiny_mc.json"]["kept_fraction"]["overall"] == 1.0
+    for key in ("git_commit", "versions", "hardware", "wall_time_s", "seed", "model"):
+        assert key in swa
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    assert {r["point_id"] for r in rows} == {"dense-s0", "swa-s0.8"}
+    assert (run / "plots" / "accuracy_vs_sparsity.png").stat().st_size > 1000
+    # the report is rebuilt from the JSON alone
+    before = (run / "summary.csv").read_text()
+    (run / "summary.csv").unlink()
+    (run / "plots" / "accuracy_vs_sparsity.png").unlink()
+    assert report_main([str(run)]) == 0
+    assert (run / "summary.csv").read_text() == before and (run / "plots" / "accuracy_vs_sparsity.png").exists()
+    # W&B offline runs: one per grid point, plus the summary run
+    runs = [read_offline_run(f) for f in sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))]
+    by_name = {r["name"]: r for r in runs}
+    assert set(by_name) == {"dense-s0", "swa-s0.8", "summary"}
+    assert by_name["swa-s0.8"]["config"]["policy"] == "swa"
+    assert by_name["swa-s0.8"]["summary"]["tiny_mc/acc"] == swa["metrics"]["acc"]["value"]
+    assert by_name["swa-s0.8"]["summary"]["tiny_mc/kept_fraction"] == swa["kept_fraction"]["overall"]
+    assert any(k.startswith("tradeoff") for k in by_name["summary"]["history_keys"])
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "alisa.eval", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["+experiment=nope"], "error: unknown experiment 'nope': allowed are ci_regression, paper_accuracy, quickstart"),
+    (["grid.policies=[dense,swa9]"], "error: unknown policy 'swa9': allowed are dense, h2o, local, sinks, strided, swa"),
+    (["grid.sparsities=[1.5]", "grid.policies=[swa]"], "error: sparsity=1.5 is invalid: allowed is a number in [0, 1)"),
+    (["tasks=[piqa_local]", "data_dir=/nonexistent/alisa-data"], "error: data folder '/nonexistent/alisa-data' does not exist: run `python -m alisa.data prepare`"),
+    (["tasks=[no_such_task]"], "error: unknown task 'no_such_task': local tasks are"),
+    (["grid.bogus=1"], "error: Could not override 'grid.bogus': Key 'bogus' not in 'GridConf' (allowed keys: policies, sparsities, budgets, prefill)"),
+    (["limit=abc"], "error: Error merging override limit=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    (["model.device=cuda"], "error: model.device='cuda' asked for, but no CUDA GPU is available here"),
+])
+def test_bad_input_one_line_error_and_no_results(tmp_path, args, message):
+    import torch
+
+    if "model.device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the no-GPU error cannot happen")
+    r = run_cli(*args, f"results_dir={tmp_path / 'results'}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), r.stderr
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
