@@ -54,3 +54,19 @@ def smollm2():
     import alisa
 
     return alisa.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    """The prepared offline task data: $ALISA_DATA_DIR if prepared, else ~/.cache/alisa/data (prepared once here)."""
+    from pathlib import Path
+
+    from alisa import data as D
+
+    env = os.environ.get("ALISA_DATA_DIR")
+    if env and D.is_prepared(env):
+        return Path(env)
+    root = Path.home() / ".cache" / "alisa" / "data"
+    if not D.is_prepared(root):
+        D.prepare(root)
+    return root

@@ -65,17 +65,6 @@ FEWSHOT_TASKS = [t for t, v in TASKS.items() if v[3] is not None]
 
 
 @pytest.fixture(scope="session")
-def data_root() -> Path:
-    env = os.environ.get("ALISA_DATA_DIR")
-    if env and D.is_prepared(env):
-        return Path(env)
-    root = Path.home() / ".cache" / "alisa" / "data"
-    if not D.is_prepared(root):
-        D.prepare(root)
-    return root
-
-
-@pytest.fixture(scope="session")
 def task_manager(data_root):
     from lm_eval.tasks import TaskManager
 
