@@ -164,7 +164,8 @@ def _one_line(e: BaseException) -> str:
     """Hydra's error, its cause, and the keys allowed where a key was unknown, on one line."""
     import dataclasses
 
-    msg = str(e).strip().splitlines()[0].rstrip(".")
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    msg = lines[0].rstrip(".") + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
     cause = e.__cause__
     if cause is not None and str(cause).strip():
         msg += ": " + str(cause).strip().splitlines()[0]

@@ -19,8 +19,10 @@ from .results import REPO, read_json, write_json
 
 GOLDEN = REPO / "results" / "golden" / "ci_regression.json"
 TOLERANCE = {
-    "dense": {"abs": 1e-9, "rel": 1e-6},  # same machine, same code: identical up to summation noise
-    "sparse": {"docs": 1, "rel": 1e-4},  # accuracy: one document may flip on a near-tie; perplexity: relative
+    # dense: accuracy identical; perplexity up to float summation noise (another CPU's BLAS).
+    "dense": {"docs": 0, "rel": 1e-5},
+    # sparse: one document may flip where a top-k choice is a near-tie; perplexity relative.
+    "sparse": {"docs": 1, "rel": 1e-3},
 }
 
 
@@ -66,12 +68,11 @@ def compare(run_dir: Path, golden: dict) -> list[str]:
             continue
         got, ref = now[key]["value"], want["value"]
         metric = key.rsplit("/", 1)[1]
-        if key.startswith("dense-"):
-            ok = abs(got - ref) <= tol["dense"]["abs"] + tol["dense"]["rel"] * abs(ref)
-        elif metric in ("acc", "acc_norm", "exact_match"):
-            ok = abs(got - ref) <= tol["sparse"]["docs"] / max(1, want["n_docs"] or 1) + 1e-12
+        t = tol["dense"] if key.startswith("dense-") else tol["sparse"]
+        if metric in ("acc", "acc_norm", "exact_match"):
+            ok = abs(got - ref) <= t["docs"] / max(1, want["n_docs"] or 1) + 1e-12
         else:
-            ok = abs(got - ref) <= tol["sparse"]["rel"] * abs(ref)
+            ok = abs(got - ref) <= t["rel"] * abs(ref)
         if not ok:
             problems.append(f"{key}: {got:.6g} vs golden {ref:.6g}")
     return problems

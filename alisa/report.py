@@ -79,18 +79,23 @@ def plot_accuracy(records: list[dict], path: Path) -> Path | None:
     policies = sorted({r["policy"] for r in records if r["policy"] != "dense" and r.get("budget") is None})
     for ax, task in zip(axes[0], tasks):
         metric = next(r["primary_metric"] for r in records if r["task"] == task)
-        for pol in policies:
+        for i, pol in enumerate(policies):
             pts = sorted((r["sparsity"], r["metrics"][metric]) for r in records
                          if r["task"] == task and r["policy"] == pol and r.get("budget") is None)
-            if task in dense:  # sparsity 0 is exactly dense for every policy
-                pts = [(0.0, dense[task]["metrics"][metric])] + [p for p in pts if p[0] != 0.0]
-            if pts:
-                ax.errorbar([s for s, _ in pts], [m["value"] for _, m in pts],
-                            yerr=[m["stderr"] or 0.0 for _, m in pts], marker="o", capsize=3, label=pol)
+            if not pts:
+                continue
+            dx = 0.006 * (i - (len(policies) - 1) / 2)  # side by side, so error bars do not hide each other
+            line = ax.errorbar([s + dx for s, _ in pts], [m["value"] for _, m in pts],
+                               yerr=[m["stderr"] or 0.0 for _, m in pts], marker="o", capsize=3, label=pol)
+            if task in dense and pts[0][0] > 0:  # sparsity 0 is exactly dense for every policy
+                ax.plot([0.0, pts[0][0] + dx], [dense[task]["metrics"][metric]["value"], pts[0][1]["value"]],
+                        color=line[0].get_color(), linewidth=1, alpha=0.6)
         if task in dense:
             m = dense[task]["metrics"][metric]
-            ax.axhline(m["value"], color="black", linestyle="--", linewidth=1, label="dense")
-        ax.set_title(task)
+            ax.axhline(m["value"], color="black", linestyle="--", linewidth=1)
+            ax.errorbar([0.0], [m["value"]], yerr=[m["stderr"] or 0.0], color="black", marker="s", capsize=3, label="dense")
+        n_docs = next((r.get("n_docs") for r in records if r["task"] == task), None)
+        ax.set_title(f"{task} (n={n_docs}, {next(r.get('num_fewshot') for r in records if r['task'] == task)}-shot)")
         ax.set_xlabel("KV sparsity")
         ax.set_ylabel(metric)
         if metric.endswith("perplexity"):

@@ -1,0 +1,44 @@
+"""CI accuracy regression: ci_regression against results/golden/ci_regression.json (a few minutes)."""
+
+import copy
+import json
+
+import pytest
+
+from alisa.regression import GOLDEN, GoldenError, _run_ci_experiment, compare, load_golden, main
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory, data_root):
+    return _run_ci_experiment(tmp_path_factory.mktemp("results"))
+
+
+def test_accuracy_matches_golden(ci_run):
+    problems = compare(ci_run, load_golden())
+    assert problems == [], "\n".join(problems)
+
+
+def test_a_changed_behaviour_fails(ci_run, tmp_path):
+    """As if swa's behaviour had moved: a golden value it no longer reproduces is named, exit 1."""
+    golden = load_golden()
+    moved = copy.deepcopy(golden)
+    key = "swa-s0.8/wikitext_local/word_perplexity"
+    moved["values"][key]["value"] *= 1.01
+    moved["values"]["swa-s0.8/copa_local/acc"]["value"] += 2 / 16
+    moved["values"]["dense-s0/piqa_local/acc"]["value"] += 1 / 16  # dense allows no flip at all
+    path = tmp_path / "golden.json"
+    path.write_text(json.dumps(moved))
+    problems = compare(ci_run, moved)
+    assert [p.split(":")[0] for p in problems] == ["dense-s0/piqa_local/acc", "swa-s0.8/copa_local/acc", key]
+    assert main(["check", str(ci_run), "--golden", str(path)]) == 1
+    assert main(["check", str(ci_run), "--golden", str(GOLDEN)]) == 0
+
+
+def test_corrupt_golden_is_one_clear_error(tmp_path, capsys):
+    bad = tmp_path / "golden.json"
+    bad.write_text('{"values": {"dense-s0/copa_local/acc": ')
+    with pytest.raises(GoldenError, match="is corrupt"):
+        load_golden(bad)
+    assert main(["check", str(tmp_path), "--golden", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: golden file") and "python -m alisa.regression update" in err[0]
