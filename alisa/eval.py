@@ -182,6 +182,12 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def _main(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN and cfg.run_id is None:  # jobs of one sweep start in the same second
+            cfg.run_id = f"{dt.datetime.now():%Y%m%d-%H%M%S}-job{hc.job.num}"
         try:
             run_experiment(cfg)
         except ConfigError as e:

@@ -104,3 +104,23 @@ def test_bad_input_one_line_error_and_no_results(tmp_path, args, message):
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), r.stderr
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def test_multirun_sweeps_the_same_keys(tmp_path):
+    tasks = make_task(tmp_path / "tasks")
+    r = run_cli("-m", f"tasks_dir={tasks}", "tasks=[tiny_mc]", "grid.policies=[swa]", "grid.sparsities=[0.5],[0.9]",
+                f"results_dir={tmp_path / 'results'}", "experiment_name=sweep", "logger=none", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    points = sorted(p.name for p in (tmp_path / "results" / "sweep").glob("*/points/*.json"))
+    assert points == ["swa-s0.5__tiny_mc.json", "swa-s0.9__tiny_mc.json"]
+
+
+@pytest.mark.slow
+def test_quickstart_experiment(tmp_path, data_root):
+    """The README's accuracy quickstart, offline (about two minutes on 2 cores)."""
+    r = run_cli("+experiment=quickstart", f"results_dir={tmp_path}", "run_id=q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "swa@0.8" in r.stdout and "copa_local (acc)" in r.stdout
+    run = tmp_path / "quickstart" / "q"
+    assert len(list((run / "points").glob("*.json"))) == 8
+    assert (run / "plots" / "accuracy_vs_sparsity.png").exists() and list((run / "wandb").glob("offline-run-*"))
