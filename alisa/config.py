@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-REPO = Path(__file__).resolve().parent.parent
+from .results import REPO
 
 
 class ConfigError(ValueError):
