@@ -37,10 +37,6 @@ class KeptStats:
         per = self.per_layer()
         return sum(per.values()) / len(per) if per else None
 
-    def reset(self) -> None:
-        self._sum.clear()
-        self._rows.clear()
-
 
 def policy_attention(
     policy: Policy,

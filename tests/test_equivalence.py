@@ -151,3 +151,21 @@ def test_single_sequence_path_matches_batched(family_model, name, kw):
             assert (sim - batched[b, real]).abs().max().item() < 1e-4
             dec, _ = decode(family_model, one, torch.ones_like(one), 7)
             assert (sim - dec[0]).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name,kw", [("dense", {}), ("swa", dict(sparsity=0.5)), ("local", dict(sparsity=0.3))])
+def test_model_sliding_window_is_intersected(name, kw):
+    """A Mistral with its own sliding window: dense equals the unmodified model; both paths agree."""
+    from conftest import tiny_model
+
+    model = tiny_model("mistral", sliding_window=8)
+    ids, mask = padded_batch(T)
+    real = mask.bool()
+    ref = model(ids, attention_mask=mask, use_cache=False).logits
+    with alisa.apply(model, name, **kw):
+        sim = model(ids, attention_mask=mask, use_cache=False).logits
+        dec, _ = decode(model, ids, mask, 11)
+    assert (sim - dec)[real].abs().max().item() < 1e-4
+    if name == "dense":
+        assert (sim - ref)[real].abs().max().item() < 1e-5
