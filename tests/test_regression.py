@@ -42,3 +42,23 @@ def test_corrupt_golden_is_one_clear_error(tmp_path, capsys):
     assert main(["check", str(tmp_path), "--golden", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: golden file") and "python -m alisa.regression update" in err[0]
+
+
+@pytest.mark.slow
+def test_a_real_behaviour_change_is_caught(tmp_path, monkeypatch, data_root):
+    """SWA's score window made one query longer than SPEC's k: the guard names swa's metrics, nothing else."""
+    import alisa.policies as P
+
+    half = P.SWA.half_count
+    original = P.SWA._observe_one
+
+    def observe_one(self, state, t, row):
+        monkeypatch.setattr(self, "half_count", lambda n: half(self, n) + 1, raising=False)
+        try:
+            return original(self, state, t, row)
+        finally:
+            monkeypatch.delattr(self, "half_count")
+
+    monkeypatch.setattr(P.SWA, "_observe_one", observe_one)
+    problems = compare(_run_ci_experiment(tmp_path), load_golden())
+    assert problems and all(p.startswith("swa-s0.8/") for p in problems), problems
