@@ -124,3 +124,14 @@ def test_quickstart_experiment(tmp_path, data_root):
     run = tmp_path / "quickstart" / "q"
     assert len(list((run / "points").glob("*.json"))) == 8
     assert (run / "plots" / "accuracy_vs_sparsity.png").exists() and list((run / "wandb").glob("offline-run-*"))
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    tasks = make_task(tmp_path / "tasks")
+    metrics = []
+    for run_id in ("a", "b"):
+        cfg = compose_cfg([f"tasks_dir={tasks}", "tasks=[tiny_mc]", "grid.policies=[h2o]", "grid.sparsities=[0.5]",
+                           f"results_dir={tmp_path / 'results'}", f"run_id={run_id}", "logger=none", "num_fewshot=2"])
+        run = run_experiment(cfg)
+        metrics.append(json.loads((run / "points" / "h2o-s0.5__tiny_mc.json").read_text())["metrics"])
+    assert metrics[0] == metrics[1]
