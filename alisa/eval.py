@@ -142,7 +142,7 @@ def _experiment_names() -> list[str]:
 def precheck(argv: list[str]) -> None:
     """One-line errors for what Hydra would report in many lines: unknown experiment, bad keys or types."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     for a in argv:
@@ -156,6 +156,8 @@ def precheck(argv: list[str]) -> None:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             compose(config_name="config", overrides=argv)
+    except OverrideParseException as e:
+        raise ConfigError(f"malformed override {e.override!r}: {_one_line(e)} (write lists as key=[a,b])") from None
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
 

@@ -92,6 +92,9 @@ def run_cli(*args, cwd):
     (["tasks=[no_such_task]"], "error: unknown task 'no_such_task': local tasks are"),
     (["grid.bogus=1"], "error: Could not override 'grid.bogus': Key 'bogus' not in 'GridConf' (allowed keys: policies, sparsities, budgets, prefill)"),
     (["limit=abc"], "error: Error merging override limit=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    (["grid.policies=[swa]", "grid.budgets=[0]"], "error: budget=0 is invalid: allowed is an integer >= 1 (tokens)"),
+    (["grid.policies=[dense"], "error: malformed override 'grid.policies=[dense': no viable alternative at input '[dense'"),
+    (["model.name=no-org/no-model"], "error: model 'no-org/no-model' is not a local folder and the hub is offline"),
     (["model.device=cuda"], "error: model.device='cuda' asked for, but no CUDA GPU is available here"),
 ])
 def test_bad_input_one_line_error_and_no_results(tmp_path, args, message):
@@ -101,6 +104,10 @@ def test_bad_input_one_line_error_and_no_results(tmp_path, args, message):
         pytest.skip("this machine has a GPU: the no-GPU error cannot happen")
     r = run_cli(*args, f"results_dir={tmp_path / 'results'}", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
+    check_one_line(r, message, tmp_path)
+
+
+def check_one_line(r, message, tmp_path):
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), r.stderr
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
@@ -135,3 +142,9 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path):
         run = run_experiment(cfg)
         metrics.append(json.loads((run / "points" / "h2o-s0.5__tiny_mc.json").read_text())["metrics"])
     assert metrics[0] == metrics[1]
+
+
+def test_unwritable_results_dir(tmp_path):
+    r = run_cli("results_dir=/proc/alisa-results", cwd=tmp_path)
+    assert r.returncode == 2
+    check_one_line(r, "error: results_dir='/proc/alisa-results' cannot be written", tmp_path)
