@@ -152,10 +152,10 @@ def validate(cfg) -> list[dict]:
     if not tasks_dir.is_dir():
         raise ConfigError(f"tasks_dir={str(tasks_dir)!r} does not exist")
     if any(t.endswith("_local") for t in cfg.tasks):
-        from .data import data_dir as default_data_dir
+        from .data import data_dir
 
-        data = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-    if any(t.endswith("_local") for t in cfg.tasks) and not data.is_dir():
-        raise ConfigError(f"data folder {str(data)!r} does not exist: run `python -m alisa.data prepare` "
-                          "(or set data_dir= / $ALISA_DATA_DIR)")
+        data = data_dir(cfg.data_dir)
+        if not data.is_dir():
+            raise ConfigError(f"data folder {str(data)!r} does not exist: run `python -m alisa.data prepare` "
+                              "(or set data_dir= / $ALISA_DATA_DIR)")
     return points

