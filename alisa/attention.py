@@ -15,6 +15,9 @@ from .kvstore import SlotStore
 from .policies import Policy, causal
 
 
+OBSERVE_BLOCK = 128  # query rows whose probabilities a dense stateful chunk materialises at once
+
+
 class KeptStats:
     """Measured fraction of the causal keys each real query attended, per layer."""
 
@@ -73,13 +76,25 @@ def policy_attention(
         return out.transpose(1, 2)
 
     # Stateful: each query's selection depends on the rows of the queries before it.
-    G = Hq // Hkv
-    logits = torch.matmul(query.view(B, Hkv, G, Q, D), key[:, :, None].transpose(-1, -2)).float() * scaling  # (B, Hkv, G, Q, C)
+    if dense:  # every row attends all its causal keys: SDPA for the output, rows only to observe
+        keep = allowed(causal(pos[:, None, :], q_pos[:, :, None]), pos[:, None, :], q_pos[:, :, None])
+        if stats is not None:
+            stats.add(layer, keep, q_pos)
+        mask = keep | (q_pos < 0)[:, :, None]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling, enable_gqa=Hq != Hkv)
+        for i0 in range(0, Q, OBSERVE_BLOCK):  # bounded memory: (B, H, block, C) probabilities at a time
+            i1 = min(Q, i0 + OBSERVE_BLOCK)
+            p = torch.softmax(grouped_logits(query[:, :, i0:i1], key, scaling).masked_fill(~mask[:, None, None, i0:i1], float("-inf")), dim=-1)
+            rows = p.sum((1, 2)) * (q_pos[:, i0:i1] >= 0)[..., None]  # (B, block, C)
+            for i in range(i0, i1):
+                policy.observe(store.state, pos, q_pos[:, i], keep[:, i], rows[:, i - i0])
+        return out.transpose(1, 2)
+    logits = grouped_logits(query, key, scaling)  # (B, Hkv, G, Q, C)
     probs = torch.empty_like(logits)
     keeps = []
     for i in range(Q):
         t = q_pos[:, i]
-        keep = allowed(causal(pos, t[:, None]) if dense else policy.select(pos, t, store.state), pos, t[:, None])
+        keep = allowed(policy.select(pos, t, store.state), pos, t[:, None])
         attend = keep | (t < 0)[:, None]
         p = torch.softmax(logits[:, :, :, i].masked_fill(~attend[:, None, None], float("-inf")), dim=-1)
         probs[:, :, :, i] = p
@@ -88,5 +103,19 @@ def policy_attention(
         keeps.append(keep)
     if stats is not None:
         stats.add(layer, torch.stack(keeps, 1), q_pos)
-    out = torch.matmul(probs.to(value.dtype), value[:, :, None])  # (B, Hkv, G, Q, Dv)
-    return out.reshape(B, Hq, Q, -1).transpose(1, 2)
+    G = Hq // Hkv
+    out = torch.matmul(probs.to(value.dtype).view(B, Hkv, G * Q, -1), value)  # (B, Hkv, G*Q, Dv)
+    return out.view(B, Hq, Q, -1).transpose(1, 2)
+
+
+def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """float32 logits (B, H_kv, G, Q, C) of query (B, H_q, Q, D) against key (B, H_kv, C, D).
+
+    Grouped-query heads share their key head through one batched matmul over
+    (B, H_kv): the keys are read once, never repeated in memory.
+    """
+    B, Hq, Q, D = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    logits = torch.matmul(query.reshape(B, Hkv, G * Q, D), key.transpose(-1, -2))
+    return logits.float().view(B, Hkv, G, Q, -1) * scaling

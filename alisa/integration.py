@@ -96,6 +96,15 @@ class AlisaCache(Cache):
     def store(self, layer_idx: int) -> SlotStore:
         return self.layers[layer_idx].store
 
+    def attend(self, layer_idx: int, query: torch.Tensor, chunk: "_Chunk", scale: float,
+               sliding_window: int | None, stats: KeptStats | None) -> torch.Tensor:
+        """Attention of the chunk just appended (SPEC §3.2), then eviction of what no future query may select."""
+        store = self.store(layer_idx)
+        out = policy_attention(self.policy, store, query, chunk.q_pos, scale, dense=chunk.dense,
+                               sliding_window=sliding_window, stats=stats, layer=layer_idx)
+        store.evict(self.policy.retain(store.kv()[2], chunk.t_next, store.state))
+        return out
+
     def tokens_held(self) -> list[float]:
         """Mean live tokens per sequence, per layer."""
         return [float(l.store.tokens_held().double().mean()) if l.store.keys is not None else 0.0 for l in self.layers]
@@ -153,16 +162,14 @@ def _alisa_attention(module, query, key, value, attention_mask, scaling=None, dr
     if ctl is None or ctl.chunk is None:
         raise RuntimeError("attention implementation 'alisa' runs only inside `with alisa.apply(model, policy):`")
     chunk = ctl.chunk
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if chunk.cache is not None:
-        store = chunk.cache.store(module.layer_idx)
+        out = chunk.cache.attend(module.layer_idx, query, chunk, scale, sliding_window, ctl.stats)
     else:  # no cache: the whole input is one chunk over a throw-away store
         store = SlotStore(ctl.policy)
         store.append(key, value, chunk.q_pos)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = policy_attention(ctl.policy, store, query, chunk.q_pos, scale, dense=chunk.dense,
-                           sliding_window=sliding_window, stats=ctl.stats, layer=module.layer_idx)
-    if chunk.cache is not None:
-        store.evict(ctl.policy.retain(store.kv()[2], chunk.t_next, store.state))
+        out = policy_attention(ctl.policy, store, query, chunk.q_pos, scale, dense=chunk.dense,
+                               sliding_window=sliding_window, stats=ctl.stats, layer=module.layer_idx)
     return out, None
 
 
@@ -182,7 +189,8 @@ def _attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def apply(model: PreTrainedModel, policy: Policy | str = "dense", prefill: str = "sparse", **policy_kwargs):
+def apply(model: PreTrainedModel, policy: Policy | str = "dense", prefill: str = "sparse", *,
+          cache_factory=None, **policy_kwargs):
     """Run ``model`` under a KV policy; restores the model exactly on exit.
 
     Parameters
@@ -241,7 +249,7 @@ def apply(model: PreTrainedModel, policy: Policy | str = "dense", prefill: str =
         if isinstance(cache, AlisaCache) and cache.policy is not policy:
             raise ValueError(f"the cache passed was built under {cache.policy!r}, not this context's {policy!r}")
         if cache is None and use_cache:
-            cache = AlisaCache(policy, n_layers)
+            cache = (cache_factory or AlisaCache)(policy, n_layers)
         kwargs.pop("past_key_values", None)
         kwargs[cache_kw] = cache
         if cache is not None:
