@@ -1,0 +1,1 @@
+"""The ALISA runtime: tiered KV engine, scheduling, cost model."""
