@@ -1,0 +1,231 @@
+"""Batched greedy generation over a tiered, token-granular KV store (the ALISA runtime).
+
+The prompt is prefilled through the core path (``alisa.apply``: the same policy code,
+masks and eviction as the accuracy path); each layer's store is then adopted by a
+:class:`~alisa.runtime.tiered.TieredStore` and every decode step runs the policy's
+selection there, moving tokens between tiers as the :class:`~alisa.runtime.tiered.Plan`
+says. :meth:`Engine.generate` returns the tokens and what was measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..integration import AlisaCache, apply
+from ..policies import Policy, make_policy
+from .recompute import capture_inputs, kv_from_inputs
+from .tiered import Plan, TieredStore, Traffic
+
+
+class BudgetExceeded(RuntimeError):
+    """A tier holds more KV than its budget allows (reported as out of memory)."""
+
+
+class TieredCache(AlisaCache):
+    """An :class:`AlisaCache` whose layers move to a :class:`TieredStore` after the prompt."""
+
+    def __init__(self, policy: Policy, num_layers: int, *, model, plan: Plan, int8: bool, device, host,
+                 recorder=None):
+        super().__init__(policy, num_layers)
+        self.model, self.plan, self.int8 = model, plan, int8
+        self.device, self.host = torch.device(device), torch.device(host)
+        self.recorder = recorder
+        self.tiered: list[TieredStore | None] = [None] * num_layers
+        self.step = 0  # the decode step the next schedule prepares for
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        ts = self.tiered[layer_idx]
+        if ts is None:  # the prompt: the core path's store
+            return super().update(key_states, value_states, layer_idx)
+        if key_states.shape[2] != 1:
+            raise ValueError(f"the runtime decodes one token per step after the prompt (got a chunk of {key_states.shape[2]})")
+        x = self.recorder[layer_idx] if self.plan.records_inputs else None
+        ts.append(key_states, value_states, self.chunk_pos, x)
+        self.layers[layer_idx].store.seen += 1
+        return key_states, value_states
+
+    def attend(self, layer_idx, query, chunk, scale, sliding_window, stats):
+        if sliding_window is not None:
+            raise ValueError("the runtime does not combine a model's own sliding window with a policy; use the accuracy path")
+        ts = self.tiered[layer_idx]
+        if ts is None:
+            out = super().attend(layer_idx, query, chunk, scale, sliding_window, stats)
+            store = self.store(layer_idx)
+            ts = TieredStore(self.policy, self.device, self.host, self.int8, query.dtype)
+            x = self.recorder[layer_idx] if self.plan.records_inputs else None
+            ts.adopt(store, x, chunk.q_pos)
+            store.keys = store.values = store.pos = store.state = None  # the tiered store owns them now
+            self.tiered[layer_idx] = ts
+        else:
+            def recompute(x, positions):
+                return kv_from_inputs(self.model, layer_idx, x, positions)
+
+            out = ts.attend(query, chunk.q_pos[:, 0], scale, recompute, stats, layer_idx)
+            ts.evict(self.policy.retain(ts.pos, chunk.t_next, ts.state))
+        ts.schedule(self.plan, self.step, chunk.t_next)
+        return out
+
+    def kv_bytes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for ts in self.tiered:
+            if ts is not None:
+                for k, v in ts.kv_bytes().items():
+                    out[k] = out.get(k, 0) + v
+        return out
+
+    def counts(self) -> dict[str, float]:
+        """Tokens per sequence in each tier, summed over layers then averaged per layer."""
+        live = [ts.counts() for ts in self.tiered if ts is not None]
+        return {k: sum(c[k] for c in live) / len(live) for k in live[0]} if live else {}
+
+    def traffic(self) -> Traffic:
+        total = Traffic()
+        for ts in self.tiered:
+            if ts is not None:
+                total.add(ts.traffic)
+        return total
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, new) generated token ids
+    prefill_s: float
+    step_s: list[float]
+    kv: dict[str, int]  # peak bytes held per tier over the run (summed over layers)
+    tiers: list[dict[str, float]]  # tokens per tier (mean per layer and sequence) before each decode step
+    phases: list[int]
+    traffic: Traffic
+    kept_fraction: float | None
+    peak_rss_bytes: int
+    peak_cuda_bytes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + sum(self.step_s)
+
+    def summary(self) -> dict:
+        B, new = self.tokens.shape
+        decode_s = sum(self.step_s)
+        return {
+            "batch": B, "new_tokens": new,
+            "throughput_tok_s": B * new / self.total_s,  # the paper's metric: generated tokens / end-to-end time
+            "decode_tok_s": B * len(self.step_s) / decode_s if decode_s > 0 else None,
+            "prefill_s": self.prefill_s, "decode_s": decode_s, "total_s": self.total_s,
+            "step_s_mean": decode_s / len(self.step_s) if self.step_s else None,
+            "kv_bytes_peak": self.kv, "tiers_per_step": self.tiers, "phase_per_step": self.phases,
+            "phase_switch_steps": _switches(self.phases),
+            "bytes_d2h": self.traffic.d2h_bytes, "bytes_h2d": self.traffic.h2d_bytes,
+            "tokens_offloaded": self.traffic.tokens_offloaded, "tokens_fetched": self.traffic.tokens_fetched,
+            "tokens_deleted": self.traffic.tokens_deleted, "tokens_recomputed": self.traffic.tokens_recomputed,
+            "seconds_transfer": self.traffic.seconds["transfer"], "seconds_recompute": self.traffic.seconds["recompute"],
+            "kept_fraction": self.kept_fraction, "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_cuda_bytes": self.peak_cuda_bytes, **self.extra,
+        }
+
+
+def _switches(phases: list[int]) -> dict[str, int | None]:
+    first = {}
+    for j, p in enumerate(phases):
+        first.setdefault(p, j)
+    return {"phase2": first.get(2), "phase3": first.get(3)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """What ``generate`` passes: real positions, padding at 1."""
+    p = mask.long().cumsum(-1) - 1
+    return p.masked_fill(mask == 0, 1)
+
+
+class Engine:
+    """Greedy batched generation with a policy, a three-phase plan and optional INT8 KV.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A causal LM of a covered family, on the device tier.
+    policy : Policy or str
+        The KV policy (the same object the accuracy path uses); a name takes ``policy_kwargs``.
+    prefill : {"dense", "sparse"}
+        How the prompt attends (SPEC §3.2).
+    plan : Plan
+        Tier schedule; the default keeps everything on the device (Phase I).
+    int8 : bool
+        Store (and move) KV as INT8, de-quantized before use.
+    device_budget, host_budget : int, optional
+        KV bytes each tier may hold; exceeding one raises :class:`BudgetExceeded`.
+    """
+
+    def __init__(self, model, policy: Policy | str = "dense", *, prefill: str = "dense", plan: Plan | None = None,
+                 int8: bool = False, device_budget: int | None = None, host_budget: int | None = None, **policy_kwargs):
+        self.model = model
+        self.policy = make_policy(policy, **policy_kwargs) if isinstance(policy, str) else policy
+        self.prefill, self.plan, self.int8 = prefill, plan or Plan(), int8
+        self.budgets = (device_budget, host_budget)
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32) -> Generation:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: allowed is an integer >= 1")
+        model, dev = self.model, self.device
+        ids = input_ids.to(dev)
+        mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(dev)
+        recorder = capture_inputs(model) if self.plan.records_inputs else contextlib.nullcontext()
+        with recorder as rec:
+            def factory(policy, n_layers):
+                return TieredCache(policy, n_layers, model=model, plan=self.plan, int8=self.int8, device=dev,
+                                   host="cpu", recorder=rec)
+
+            with apply(model, self.policy, self.prefill, cache_factory=factory) as ctl:
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                _sync(dev)
+                t0 = time.perf_counter()
+                out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
+                tok = out.logits[:, -1].argmax(-1)
+                _sync(dev)
+                prefill_s = time.perf_counter() - t0
+                cache = ctl.last_cache
+                tokens, steps, tiers, phases = [tok], [], [], []
+                peak: dict[str, int] = {}
+                for j in range(1, max_new_tokens):
+                    self._track(peak, cache.kv_bytes())
+                    tiers.append(cache.counts())
+                    phases.append(self.plan.phase(j - 1))
+                    cache.step = j
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                    t0 = time.perf_counter()
+                    out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=position_ids(mask)[:, -1:],
+                                cache=cache, use_cache=True)
+                    tok = out.logits[:, -1].argmax(-1)
+                    _sync(dev)
+                    steps.append(time.perf_counter() - t0)
+                    tokens.append(tok)
+                self._track(peak, cache.kv_bytes())
+                return Generation(
+                    tokens=torch.stack(tokens, 1), prefill_s=prefill_s, step_s=steps, kv=peak, tiers=tiers, phases=phases,
+                    traffic=cache.traffic(), kept_fraction=ctl.kept_fraction()["overall"],
+                    peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    peak_cuda_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
+
+    def _track(self, peak: dict[str, int], now: dict[str, int]) -> None:
+        """Keep the peak of each figure; enforce the tier budgets."""
+        for k, v in now.items():
+            peak[k] = max(peak.get(k, 0), v)
+        dev_budget, host_budget = self.budgets
+        if dev_budget is not None and now.get("device", 0) > dev_budget:
+            raise BudgetExceeded(f"device KV {now['device']} B exceeds the device budget {dev_budget} B")
+        host = now.get("host", 0) + now.get("inputs", 0)
+        if host_budget is not None and host > host_budget:
+            raise BudgetExceeded(f"host KV {host} B exceeds the host budget {host_budget} B")

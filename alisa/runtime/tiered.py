@@ -1,0 +1,440 @@
+"""Token-granular KV in two memory tiers, with offload, deletion + recomputation and INT8.
+
+A :class:`TieredStore` is the runtime's KV of one layer. Its *logical* slots are what the
+policy sees (real position ``pos``, the policy's per-slot state, kept in position order as
+in :class:`~alisa.kvstore.SlotStore`); each slot's data lives in one place (``tier``):
+
+* ``DEVICE``: K, V in the device :class:`Pool` (where attention runs: cuda, else cpu);
+* ``HOST``: K, V in the host pool (CPU memory); fetched to the device when selected;
+* ``GONE``: K, V deleted; only the token's attention input ``x`` is kept (host x pool)
+  and K, V are recomputed on the device when the token is selected (SPEC §4).
+
+``loc`` / ``xloc`` give the slot's column in its pool. Pools allocate columns for the
+whole batch at once (amortised) and compact when full; every byte that crosses tiers is a
+real copy (``index``-gathers, then ``.to(device)``) and is counted from the tensors moved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kvstore import SlotStore
+from ..policies import Policy, PolicyState
+from .quant import dequantize, quantize_tensors
+
+DEVICE, HOST, GONE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Three-phase schedule (SPEC §1, Algorithm 2), in decode steps.
+
+    Phase I before ``p1``: all KV on the device. Phase II from ``p1``: the fraction
+    ``alpha`` of the non-local KV lives on the host (the local window, the policy's k most
+    recent tokens, stays on the device); selected host tokens are fetched each step.
+    Phase III from ``p2``: the fraction ``beta`` of host-resident tokens has its KV deleted
+    and recomputed from the stored attention input when selected. ``None``: never.
+    """
+
+    alpha: float = 0.0
+    beta: float = 0.0
+    p1: int | None = None
+    p2: int | None = None
+
+    def __post_init__(self):
+        for name in ("alpha", "beta"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"plan {name}={v!r} is invalid: allowed is a fraction in [0, 1]")
+        for name in ("p1", "p2"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"plan {name}={v!r} is invalid: allowed is a decode step >= 0 or None")
+        if self.p2 is not None and (self.p1 is None or self.p2 < self.p1):
+            raise ValueError(f"plan p2={self.p2} needs Phase II first: allowed is p1 <= p2 (p1={self.p1})")
+
+    def phase(self, step: int) -> int:
+        if self.p2 is not None and step >= self.p2 and self.beta > 0:
+            return 3
+        if self.p1 is not None and step >= self.p1 and self.alpha > 0:
+            return 2
+        return 1
+
+    @property
+    def records_inputs(self) -> bool:
+        return self.p2 is not None and self.beta > 0
+
+
+@dataclass
+class Traffic:
+    """What crossed tiers (bytes of the tensors actually copied) and what was recomputed."""
+
+    d2h_bytes: int = 0
+    h2d_bytes: int = 0
+    tokens_offloaded: int = 0
+    tokens_fetched: int = 0
+    tokens_deleted: int = 0
+    tokens_recomputed: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"transfer": 0.0, "recompute": 0.0})
+
+    def add(self, other: "Traffic") -> None:
+        for k in ("d2h_bytes", "h2d_bytes", "tokens_offloaded", "tokens_fetched", "tokens_deleted", "tokens_recomputed"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        for k, v in other.seconds.items():
+            self.seconds[k] = self.seconds.get(k, 0.0) + v
+
+
+def _nbytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _take(t: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """t (B, H, cap, D) gathered at per-row columns cols (B, m) -> (B, H, m, D) (a copy)."""
+    B, H, _, D = t.shape
+    return t.gather(2, cols[:, None, :, None].expand(B, H, cols.shape[1], D))
+
+
+def rows_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries of each row, in order: (B, m) and their validity (B, m)."""
+    count = mask.sum(1)
+    m = int(count.max()) if mask.numel() else 0
+    idx = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :m]
+    return idx, torch.arange(m, device=mask.device) < count[:, None]
+
+
+class Pool:
+    """Columns of token data in one tier: named buffers (B, H, cap, D), per-row live flags.
+
+    With ``int8`` a K/V pair is stored as uint8 plus a float scale and zero per
+    (row, head, token) (see :mod:`alisa.runtime.quant`) and de-quantized when read.
+    """
+
+    GROWTH = 1.5
+
+    def __init__(self, device: torch.device | str, int8: bool = False):
+        self.device = torch.device(device)
+        self.int8 = int8
+        self.buf: dict[str, torch.Tensor] = {}
+        self.live: torch.Tensor | None = None
+        self.used = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.live is None else self.live.shape[1]
+
+    def _encode(self, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.int8:
+            return data
+        out = {}
+        for name, x in data.items():
+            out[name + ".q"], out[name + ".s"], out[name + ".z"] = quantize_tensors(x)
+        return out
+
+    def decode(self, raw: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if not self.int8:
+            return raw
+        names = {k.rsplit(".", 1)[0] for k in raw}
+        return {n: dequantize(raw[n + ".q"], raw[n + ".s"], raw[n + ".z"], dtype) for n in names}
+
+    def write(self, data: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Store m tokens per row (data (B, H, m, D), valid (B, m)); returns their columns
+        (B, m; -1 where invalid) and, if the pool compacted first, the old->new column map."""
+        return self.write_raw(self._encode(data), valid)
+
+    def write_raw(self, enc: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`write` for data already in this pool's encoding (e.g. moved from another pool)."""
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        B, m = valid.shape
+        remap = None
+        if not self.buf:
+            self.buf = {k: v.new_empty(*v.shape[:2], 0, v.shape[3]) for k, v in enc.items()}
+            self.live = torch.zeros(B, 0, dtype=torch.bool, device=self.device)
+        if self.used + m > self.capacity:
+            remap = self.compact(extra=m)
+        u = self.used
+        for k, v in enc.items():
+            self.buf[k][:, :, u:u + m] = v
+        self.live[:, u:u + m] = valid.to(self.device)
+        self.used += m
+        cols = torch.arange(u, u + m, device=valid.device).expand(B, m)
+        return torch.where(valid, cols, -1), remap
+
+    def read(self, cols: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Gather per-row columns (B, m; every entry a valid column) into new tensors."""
+        c = cols.to(self.device)
+        return self.decode({k: _take(v, c) for k, v in self.buf.items()}, dtype)
+
+    def read_raw(self, cols: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = cols.to(self.device)
+        return {k: _take(v, c) for k, v in self.buf.items()}
+
+    def view(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """All used columns, de-quantized (a temporary) when int8."""
+        return self.decode({k: v[:, :, :self.used] for k, v in self.buf.items()}, dtype)
+
+    def free(self, cols: torch.Tensor, valid: torch.Tensor) -> None:
+        if cols.numel():
+            c = torch.where(valid, cols, self.capacity).to(self.device)
+            pad = torch.zeros(self.live.shape[0], 1, dtype=torch.bool, device=self.device)
+            self.live = torch.cat([self.live, pad], 1).scatter_(1, c, False)[:, :-1]
+
+    def compact(self, extra: int = 0) -> torch.Tensor:
+        """Move live columns to the front and resize; returns old->new column (B, used_old), -1 if dead."""
+        u = self.used
+        live = self.live[:, :u]
+        idx, valid = rows_of(live)
+        keep = idx.shape[1]
+        cap, need = self.capacity, keep + extra
+        if need > cap or cap > 2 * need + 16:
+            cap = int(need * self.GROWTH) + 16
+        new = {}
+        for k, v in self.buf.items():
+            b = v.new_empty(*v.shape[:2], cap, v.shape[3])
+            b[:, :, :keep] = _take(v, idx)
+            new[k] = b
+        self.buf = new
+        self.live = torch.zeros(live.shape[0], cap, dtype=torch.bool, device=self.device)
+        self.live[:, :keep] = valid
+        self.used = keep
+        remap = torch.full((live.shape[0], u + 1), -1, dtype=torch.long, device=self.device)
+        remap.scatter_(1, torch.where(valid, idx, u), torch.arange(keep, device=self.device).expand_as(idx).clone())
+        return remap[:, :u]
+
+    def bytes_allocated(self) -> int:
+        return _nbytes(self.buf.values())
+
+    def bytes_live(self) -> int:
+        if not self.buf:
+            return 0
+        per_col = sum(v.shape[1] * v.shape[3] * v.element_size() for v in self.buf.values())  # one row, one column
+        return int(self.live[:, :self.used].sum()) * per_col
+
+
+class TieredStore:
+    """The runtime KV of one layer; see the module docstring."""
+
+    def __init__(self, policy: Policy, device, host, int8: bool, dtype: torch.dtype):
+        self.policy = policy
+        self.dtype = dtype
+        self.dev = Pool(device, int8)
+        self.host = Pool(host, int8)
+        self.xs = Pool(host)  # attention inputs of tokens that may be recomputed (never quantized)
+        self.pos = self.tier = self.loc = self.xloc = None
+        self.state: PolicyState | None = None
+        self.traffic = Traffic()
+
+    # --- logical slots ------------------------------------------------------------------
+    @property
+    def used(self) -> int:
+        return 0 if self.pos is None else self.pos.shape[1]
+
+    def adopt(self, store: SlotStore, x: torch.Tensor | None, x_pos: torch.Tensor | None) -> None:
+        """Take over a prefilled :class:`SlotStore` (already evicted): its live slots become
+        device-resident logical slots; ``x`` (B, T, hidden) at positions ``x_pos`` (B, T) are
+        the prompt's attention inputs, kept for slots that may be recomputed."""
+        store.compact()
+        k, v, pos = store.kv()
+        self.state = store.state
+        self.pos = pos.clone()
+        live = pos >= 0
+        self.tier = torch.zeros_like(pos, dtype=torch.int8)
+        self.loc, _ = self.dev.write({"k": k, "v": v}, live)
+        self.xloc = torch.full_like(pos, -1)
+        if x is not None:
+            # column of each position in the chunk: scatter, then read at the slots' positions
+            colmap = torch.full((pos.shape[0], int(x_pos.max()) + 2), -1, dtype=torch.long, device=pos.device)
+            colmap.scatter_(1, torch.where(x_pos >= 0, x_pos, colmap.shape[1] - 1),
+                            torch.arange(x_pos.shape[1], device=pos.device).expand_as(x_pos).clone())
+            cols = colmap.gather(1, pos.clamp(min=0))
+            xv = x.gather(1, cols.clamp(min=0)[..., None].expand(*cols.shape, x.shape[-1]))
+            self._write_x(xv, live)
+
+    def _write_x(self, xv: torch.Tensor, valid: torch.Tensor) -> None:
+        """xv (B, m, hidden) for new logical slots (the last m) -> host x pool (a real copy)."""
+        data = {"x": xv[:, None]}
+        cols, remap = self.xs.write(data, valid)
+        self.traffic.d2h_bytes += _nbytes(data.values())
+        self.xloc = _remap(self.xloc, self.xloc >= 0, remap)
+        self.xloc[:, -valid.shape[1]:] = cols
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, x: torch.Tensor | None) -> None:
+        """One decode token per row: k, v (B, H, 1, D), pos (B, 1), x (B, 1, hidden) or None."""
+        valid = pos >= 0
+        cols, remap = self.dev.write({"k": k, "v": v}, valid)
+        self.loc = _remap(self.loc, self.tier == DEVICE, remap)
+        self.pos = torch.cat([self.pos, pos], 1)
+        self.tier = torch.cat([self.tier, torch.zeros_like(pos, dtype=torch.int8)], 1)
+        self.loc = torch.cat([self.loc, cols], 1)
+        self.xloc = torch.cat([self.xloc, torch.full_like(pos, -1)], 1)
+        for name, s in self.state.slot.items() if self.state is not None else ():
+            self.state.slot[name] = torch.cat([s, s.new_zeros(*s.shape[:-1], 1)], -1)
+        if x is not None:
+            self._write_x(x, valid)
+
+    def evict(self, retain: torch.Tensor) -> None:
+        """Forget every slot not in ``retain``: free its columns; compact the logical slots."""
+        gone = (self.pos >= 0) & ~retain
+        if not bool(gone.any()):
+            return
+        for pool, t in ((self.dev, DEVICE), (self.host, HOST)):
+            idx, valid = rows_of(gone & (self.tier == t))
+            pool.free(self.loc.gather(1, idx), valid)
+        idx, valid = rows_of(gone & (self.xloc >= 0))
+        self.xs.free(self.xloc.gather(1, idx), valid)
+        self.pos = torch.where(gone, -1, self.pos)
+        live = self.pos >= 0
+        if 2 * int(live.sum(1).max()) < self.used:
+            self._compact(live)
+
+    def _compact(self, live: torch.Tensor) -> None:
+        idx, valid = rows_of(live)
+        self.pos = torch.where(valid, self.pos.gather(1, idx), -1)
+        self.tier = self.tier.gather(1, idx)
+        self.loc = torch.where(valid, self.loc.gather(1, idx), -1)
+        self.xloc = torch.where(valid, self.xloc.gather(1, idx), -1)
+        if self.state is not None:
+            B, m = idx.shape
+            for name, s in self.state.slot.items():
+                self.state.slot[name] = s.gather(-1, idx.view(B, *([1] * (s.dim() - 2)), m).expand(*s.shape[:-1], m))
+
+    # --- the decode step ----------------------------------------------------------------
+    def attend(self, query: torch.Tensor, t: torch.Tensor, scale: float, recompute, stats=None, layer: int = 0) -> torch.Tensor:
+        """One query per row (B, H_q, 1, D) at positions t (B,): select with the policy, fetch
+        the selected host tokens, recompute the selected deleted ones, attend over all of them
+        with one softmax, feed the row back to the policy. Returns (B, 1, H_q, D_v)."""
+        policy, pos = self.policy, self.pos
+        keep = policy.select(pos, t, self.state) if policy.stateful else policy.select(pos, t[:, None], None)
+        if stats is not None:
+            stats.add(layer, keep[:, None], t[:, None])
+        B, Hq, _, D = query.shape
+        dev = self.dev.view(query.dtype)
+        kd, vd = dev["k"], dev["v"]
+        Hkv = kd.shape[1]
+        G = Hq // Hkv
+        q = query.reshape(B, Hkv, G, D)
+        Ud = kd.shape[2]
+        on_dev = keep & (self.tier == DEVICE)
+        mask_d = torch.zeros(B, Ud + 1, dtype=torch.bool, device=query.device)
+        mask_d.scatter_(1, torch.where(on_dev, self.loc, Ud), True)
+        mask_d = mask_d[:, :Ud]
+        parts = [(torch.matmul(q, kd.transpose(-1, -2)), mask_d, vd, None, None)]
+        for tier in (HOST, GONE):
+            sel = keep & (self.tier == tier)
+            if not bool(sel.any()):
+                continue
+            idx, valid = rows_of(sel)
+            t0 = _now()
+            if tier == HOST:
+                cols = torch.where(valid, self.loc.gather(1, idx), 0)
+                raw = self.host.read_raw(cols)
+                moved = {k: v.to(query.device) for k, v in raw.items()}
+                self.traffic.h2d_bytes += _nbytes(moved.values())
+                self.traffic.tokens_fetched += int(valid.sum())
+                kv = self.host.decode(moved, query.dtype)
+                k, v = kv["k"], kv["v"]
+                self.traffic.seconds["transfer"] += _now(query.device) - t0
+            else:
+                cols = torch.where(valid, self.xloc.gather(1, idx), 0)
+                x = self.xs.read_raw(cols)["x"].to(query.device)
+                self.traffic.h2d_bytes += _nbytes([x])
+                t1 = _now(query.device)
+                self.traffic.seconds["transfer"] += t1 - t0
+                k, v = recompute(x[:, 0], pos.gather(1, idx))
+                self.traffic.tokens_recomputed += int(valid.sum())
+                self.traffic.seconds["recompute"] += _now(query.device) - t1
+            parts.append((torch.matmul(q, k.transpose(-1, -2)), valid, v, idx, valid))
+        logits = torch.cat([p[0] for p in parts], -1).float() * scale  # (B, Hkv, G, total)
+        mask = torch.cat([p[1] for p in parts], -1)
+        probs = torch.softmax(logits.masked_fill(~mask[:, None, None], float("-inf")), dim=-1)
+        out, start = None, 0
+        for _, m, v, _, _ in parts:
+            n = m.shape[1]
+            o = torch.matmul(probs[..., start:start + n].to(v.dtype), v)
+            out = o if out is None else out + o
+            start += n
+        if policy.stateful:
+            summed = probs.sum((1, 2))  # (B, total): the row, summed over all query heads
+            row = torch.zeros(B, self.used, dtype=summed.dtype, device=summed.device)
+            row = torch.where(on_dev, summed[:, :Ud].gather(1, self.loc.clamp(0, max(Ud - 1, 0))), row)
+            start = Ud
+            for _, m, _, idx, valid in parts[1:]:
+                n = m.shape[1]
+                row.scatter_(1, idx, torch.where(valid, summed[:, start:start + n], row.gather(1, idx)))
+                start += n
+            policy.observe(self.state, pos, t, keep, row)
+        return out.reshape(B, Hq, 1, -1).transpose(1, 2)
+
+    # --- scheduling ---------------------------------------------------------------------
+    def schedule(self, plan: Plan, step: int, t_next: torch.Tensor) -> None:
+        """Bring the tiers to what ``plan`` asks before decode step ``step`` (next positions t_next)."""
+        phase = plan.phase(step)
+        if phase == 1:
+            return
+        live = self.pos >= 0
+        k_loc = self.policy.half_count(t_next + 1)[:, None]
+        nonlocal_ = live & (self.pos < t_next[:, None] - k_loc + 1)
+        n_off = (live & (self.tier != DEVICE)).sum(1)
+        need = (torch.floor(plan.alpha * nonlocal_.sum(1).double()).long() - n_off).clamp(min=0)
+        cand = nonlocal_ & (self.tier == DEVICE)
+        move = cand & (cand.long().cumsum(1) <= need[:, None])
+        if bool(move.any()):
+            self._offload(move)
+        if phase == 3:
+            host = live & (self.tier == HOST)
+            n_gone = (live & (self.tier == GONE)).sum(1)
+            need = (torch.floor(plan.beta * (host.sum(1) + n_gone).double()).long() - n_gone).clamp(min=0)
+            drop = host & (self.xloc >= 0) & (host.long().cumsum(1) <= need[:, None])
+            if bool(drop.any()):
+                idx, valid = rows_of(drop)
+                self.host.free(self.loc.gather(1, idx), valid)
+                self.tier = torch.where(drop, GONE, self.tier)
+                self.loc = torch.where(drop, -1, self.loc)
+                self.traffic.tokens_deleted += int(valid.sum())
+
+    def _offload(self, move: torch.Tensor) -> None:
+        t0 = _now()
+        idx, valid = rows_of(move)
+        cols = torch.where(valid, self.loc.gather(1, idx), 0)
+        raw = {k: v.to(self.host.device) for k, v in self.dev.read_raw(cols).items()}
+        self.traffic.d2h_bytes += _nbytes(raw.values())
+        self.dev.free(cols, valid)
+        new_cols, remap = self.host.write_raw(raw, valid)  # both pools share one encoding
+        self.loc = _remap(self.loc, self.tier == HOST, remap)
+        self.loc.scatter_(1, idx, torch.where(valid, new_cols, self.loc.gather(1, idx)))
+        self.tier = torch.where(move, HOST, self.tier)
+        self.traffic.tokens_offloaded += int(valid.sum())
+        self.traffic.seconds["transfer"] += _now() - t0
+
+    # --- measurement --------------------------------------------------------------------
+    def counts(self) -> dict[str, float]:
+        """Mean tokens per row in each tier."""
+        live = self.pos >= 0
+        return {name: float((live & (self.tier == t)).sum(1).double().mean()) for name, t in
+                (("device", DEVICE), ("host", HOST), ("recompute", GONE))}
+
+    def kv_bytes(self) -> dict[str, int]:
+        """Bytes held per tier (live token columns) and allocated."""
+        state = 0
+        if self.state is not None:
+            state = _nbytes([*self.state.slot.values(), *self.state.other.values()])
+        return {"device": self.dev.bytes_live(), "host": self.host.bytes_live(), "inputs": self.xs.bytes_live(),
+                "device_allocated": self.dev.bytes_allocated(), "host_allocated": self.host.bytes_allocated() + self.xs.bytes_allocated(),
+                "policy_state": state}
+
+
+def _remap(cols: torch.Tensor, mine: torch.Tensor, remap: torch.Tensor | None) -> torch.Tensor:
+    """Columns of a pool's slots (where ``mine`` and >= 0) after that pool compacted."""
+    if remap is None or remap.shape[1] == 0 or cols.numel() == 0:
+        return cols
+    mine = mine & (cols >= 0)
+    return torch.where(mine, remap.gather(1, cols.clamp(0, remap.shape[1] - 1).to(remap.device)).to(cols.device), cols)
+
+
+def _now(device: torch.device | None = None) -> float:
+    import time
+
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
