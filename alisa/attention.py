@@ -89,23 +89,26 @@ def policy_attention(
             for i in range(i0, i1):
                 policy.observe(store.state, pos, q_pos[:, i], keep[:, i], rows[:, i - i0])
         return out.transpose(1, 2)
-    logits = grouped_logits(query, key, scaling)  # (B, Hkv, G, Q, C)
-    probs = torch.empty_like(logits)
-    keeps = []
-    for i in range(Q):
-        t = q_pos[:, i]
-        keep = allowed(policy.select(pos, t, store.state), pos, t[:, None])
-        attend = keep | (t < 0)[:, None]
-        p = torch.softmax(logits[:, :, :, i].masked_fill(~attend[:, None, None], float("-inf")), dim=-1)
-        probs[:, :, :, i] = p
-        row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, C)
-        policy.observe(store.state, pos, t, keep, row)
-        keeps.append(keep)
+    G = Hq // Hkv
+    outs, keeps = [], []
+    for i0 in range(0, Q, OBSERVE_BLOCK):  # logits of a block of queries at a time: bounded memory
+        i1 = min(Q, i0 + OBSERVE_BLOCK)
+        logits = grouped_logits(query[:, :, i0:i1], key, scaling)  # (B, Hkv, G, block, C)
+        probs = torch.empty_like(logits)
+        for i in range(i0, i1):
+            t = q_pos[:, i]
+            keep = allowed(policy.select(pos, t, store.state), pos, t[:, None])
+            attend = keep | (t < 0)[:, None]
+            p = torch.softmax(logits[:, :, :, i - i0].masked_fill(~attend[:, None, None], float("-inf")), dim=-1)
+            probs[:, :, :, i - i0] = p
+            row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, C)
+            policy.observe(store.state, pos, t, keep, row)
+            keeps.append(keep)
+        out = torch.matmul(probs.to(value.dtype).view(B, Hkv, G * (i1 - i0), -1), value)  # (B, Hkv, G*block, Dv)
+        outs.append(out.view(B, Hkv, G, i1 - i0, -1))
     if stats is not None:
         stats.add(layer, torch.stack(keeps, 1), q_pos)
-    G = Hq // Hkv
-    out = torch.matmul(probs.to(value.dtype).view(B, Hkv, G * Q, -1), value)  # (B, Hkv, G*Q, Dv)
-    return out.view(B, Hq, Q, -1).transpose(1, 2)
+    return torch.cat(outs, 3).reshape(B, Hq, Q, -1).transpose(1, 2)
 
 
 def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
