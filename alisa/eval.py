@@ -1,28 +1,64 @@
 """Accuracy harness: ``python -m alisa.eval +experiment=NAME [overrides]``.
 
 Runs the experiment's grid of (policy, sparsity or budget) × tasks with lm-eval, the
-model loaded once, and writes ``results/<experiment>/<run id>/``: the resolved config,
-one JSON per (grid point, task), ``summary.csv``, plots, and W&B runs (offline by
-default). ``python -m alisa.report DIR`` redraws the summary and plots from the JSON.
+model loaded once per process, and writes ``results/<experiment>/<run id>/`` (run id
+``main`` unless given): the resolved config, one JSON per (grid point, task) in
+``points/``, ``summary.csv``, plots, and W&B runs (offline by default).
+``python -m alisa.report DIR`` redraws the summary and plots from the JSON.
+
+Sweeps are resumable and fault tolerant:
+
+- every (point, task) has an identity, the settings that determine its result
+  (:func:`point_identity`), and a short hash of it; its record is
+  ``points/<point id>__<task>__<hash>.json``, written atomically;
+- an existing run folder is resumed: a (point, task) whose record exists with the same
+  hash and ``status: ok`` is skipped; a failed one is retried;
+- a (point, task) that raises is recorded as ``status: failed`` (error, traceback, hash)
+  and the sweep goes on; at the end the run raises :class:`PointsFailed` (the CLI exits 1
+  with one line naming them);
+- Hydra multirun jobs (joblib, submitit/SLURM) write into the same folder; a lock per
+  (point, task) keeps two jobs from computing the same one at the same time.
+
+Testing hook: ``ALISA_FAIL_POINTS=<substring>[,<substring>...]`` makes every
+(point, task) whose ``<point id>__<task>`` contains one of them raise instead of running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
+import hashlib
+import json
 import logging
 import os
+import re
+import socket
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from .config import REPO, ConfigError, point_id, policy_kwargs, register_configs, validate
-from .results import git_commit, hardware, versions, write_atomic, write_json
+from .results import _umask_mode, git_commit, hardware, read_json, versions, write_atomic
 
 log = logging.getLogger("alisa.eval")
 CONF_DIR = REPO / "conf"
 PRIMARY = ("acc", "exact_match", "word_perplexity")
+HASH_VERSION = 1  # bump when the meaning of an identity changes: every point is then recomputed
+FAIL_ENV = "ALISA_FAIL_POINTS"
+_HASH_RE = re.compile(r"[0-9a-f]{12}")
+
+
+class PointsFailed(RuntimeError):
+    """Some (point, task) runs of a sweep failed; their records are in ``run_dir/points``."""
+
+    def __init__(self, message: str, run_dir: Path | None = None, failures: list[dict] | None = None):
+        super().__init__(message)
+        self.run_dir, self.failures = run_dir, list(failures or [])
 
 
 def _metrics(task_result: dict) -> dict[str, dict]:
@@ -42,97 +78,384 @@ def primary_metric(metrics: dict) -> str:
     return next((m for m in PRIMARY if m in metrics), sorted(metrics)[0])
 
 
+# --- per-process caches: the model is loaded once per process (a joblib worker keeps it across jobs) ---
+
+_MODELS: dict = {}
+
+
+def get_model(model_conf):
+    """(model, tokenizer) of ``cfg.model``, loaded once per process. ConfigError for an unknown model."""
+    from .models import load_model
+
+    key = (model_conf.name, model_conf.dtype, model_conf.device)
+    if key not in _MODELS:
+        try:
+            _MODELS[key] = load_model(model_conf.name, dtype=model_conf.dtype, device=model_conf.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return _MODELS[key]
+
+
+@functools.lru_cache(maxsize=4)
+def task_manager(tasks_dir: str):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=tasks_dir)
+
+
+@functools.lru_cache(maxsize=1)
+def _provenance(device: str) -> dict:
+    return {"git_commit": git_commit(), "versions": versions(), "hardware": hardware(device),
+            "host": socket.gethostname()}
+
+
+# --- the point runner: (cfg, point, task) -> record; one runner per kind of task ---
+
+def task_limit(cfg, task: str):
+    return cfg.task_limits.get(task, cfg.limit)
+
+
+class LmEvalRunner:
+    """An lm-eval task scored under the point's policy (accuracy path / decode path)."""
+
+    kind = "lm_eval"
+
+    def check(self, cfg, tasks: list[str]) -> None:
+        tm = task_manager(cfg.tasks_dir)
+        local = sorted(t for t in tm.all_tasks if t.endswith("_local"))
+        for t in tasks:
+            if t not in tm.all_tasks:
+                raise ConfigError(f"unknown task {t!r}: local tasks are {', '.join(local)} (or any stock lm-eval task name)")
+        for t in cfg.task_limits:
+            if t not in tm.all_tasks:
+                raise ConfigError(f"task_limits names {t!r}, which is not a task: local tasks are {', '.join(local)}")
+
+    def identity(self, cfg, point: dict, task: str) -> dict:
+        return {"num_fewshot": cfg.num_fewshot, "limit": task_limit(cfg, task)}
+
+    def run(self, cfg, point: dict, task: str) -> dict:
+        from lm_eval import simple_evaluate
+
+        from .lm_eval_model import AlisaLM
+
+        model, tok = get_model(cfg.model)
+        if tok is None:
+            raise ConfigError(f"model.name={cfg.model.name!r} has no tokenizer (random weights): accuracy needs a real model")
+        lm = AlisaLM(pretrained=model, tokenizer=tok, policy=point["policy"], prefill=cfg.grid.prefill,
+                     batch_size=cfg.batch_size, max_length=cfg.max_length, **policy_kwargs(point))
+        limit = task_limit(cfg, task)
+        try:
+            out = simple_evaluate(model=lm, tasks=[task], num_fewshot=cfg.num_fewshot, limit=limit,
+                                  task_manager=task_manager(cfg.tasks_dir), random_seed=cfg.seed,
+                                  numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
+                                  bootstrap_iters=1000, log_samples=False, verbosity="WARNING")
+        finally:
+            lm.close()
+        metrics = _metrics(out["results"][task])
+        kept = lm.kept_fraction()
+        return {"metrics": metrics, "limit": limit, "primary_metric": primary_metric(metrics),
+                "model": {"name": cfg.model.name, "dtype": str(model.dtype).removeprefix("torch."),
+                          "device": cfg.model.device, "random_weights": cfg.model.name.startswith("random:")},
+                "num_fewshot": out.get("n-shot", {}).get(task, cfg.num_fewshot),
+                "n_docs": out.get("n-samples", {}).get(task, {}).get("effective"),
+                "n_docs_total": out.get("n-samples", {}).get(task, {}).get("original"),
+                "kept_fraction": {"overall": kept["overall"],
+                                  "per_layer": [kept["per_layer"][k] for k in sorted(kept["per_layer"])]}}
+
+
+RUNNERS = {"lm_eval": LmEvalRunner()}
+
+
+def task_kind(task: str) -> str:
+    """Which runner handles ``task``. Every task is an lm-eval task today; a workload kind plugs in here."""
+    return "lm_eval"
+
+
+def point_identity(cfg, point: dict, task: str) -> dict:
+    """What determines the result of (point, task): hashed to skip it on a rerun.
+
+    Not in it: where results go (results_dir, run_id, experiment_name), the logger,
+    tasks_dir/data_dir (paths), and the other points and tasks of the grid.
+    """
+    kind = task_kind(task)
+    model = {"name": cfg.model.name, "dtype": cfg.model.dtype, "device": cfg.model.device}
+    if cfg.model.name.startswith("random:") and cfg.model.hf_config is not None:
+        model["hf_config"] = OmegaConf.to_container(cfg.model.hf_config, resolve=True)
+    return {"v": HASH_VERSION, "kind": kind, "model": model, "policy": point["policy"],
+            "sparsity": point["sparsity"], "budget": point["budget"], "prefill": cfg.grid.prefill, "task": task,
+            "seed": cfg.seed, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+            **RUNNERS[kind].identity(cfg, point, task)}
+
+
+def point_hash(identity: dict) -> str:
+    """sha256 of the canonical JSON of an identity, first 12 hex digits."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _injected_failure(point: dict, task: str) -> None:
+    wanted = [s for s in os.environ.get(FAIL_ENV, "").split(",") if s]
+    name = f"{point_id(point)}__{task}"
+    if any(s in name for s in wanted):
+        raise RuntimeError(f"injected failure ({FAIL_ENV}={os.environ[FAIL_ENV]})")
+
+
+def run_point(cfg, point: dict, task: str) -> dict:
+    """Run one (grid point, task) and return its record (status ok). Raises on any failure."""
+    identity = point_identity(cfg, point, task)
+    _injected_failure(point, task)
+    t0 = time.perf_counter()
+    result = RUNNERS[identity["kind"]].run(cfg, point, task)
+    return {**_provenance(cfg.model.device), "experiment": cfg.experiment_name, "run_id": cfg.run_id,
+            "seed": cfg.seed, "prefill": cfg.grid.prefill, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
+            **point, "point_id": point_id(point), "task": task, "kind": identity["kind"], **result,
+            "status": "ok", "hash": point_hash(identity), "identity": identity, "pid": os.getpid(),
+            "wall_time_s": time.perf_counter() - t0, "finished_at": _now()}
+
+
+def _failure_record(cfg, point: dict, task: str, error: BaseException, wall: float) -> dict:
+    identity = point_identity(cfg, point, task)
+    return {**_provenance(cfg.model.device), "experiment": cfg.experiment_name, "run_id": cfg.run_id,
+            **point, "point_id": point_id(point), "task": task, "kind": identity["kind"],
+            "status": "failed", "hash": point_hash(identity), "identity": identity, "pid": os.getpid(),
+            "error": _one_line_error(error), "traceback": traceback.format_exc(),
+            "wall_time_s": wall, "finished_at": _now()}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def _one_line_error(e: BaseException, width: int = 160) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# --- the results folder: atomic records, locks, superseded records ---
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+
+
+def record_stem(point: dict, task: str) -> str:
+    return f"{point_id(point)}__{_safe(task)}"
+
+
+def _write_record(run_dir: Path, target: Path, record: dict) -> None:
+    """Atomically: a temp file in ``run_dir/.tmp`` (never in points/), fsynced, renamed over ``target``."""
+    tmp_dir = run_dir / ".tmp"
+    tmp_dir.mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f"{os.getpid()}@{socket.gethostname()}__", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _clean_stale_tmp(run_dir: Path) -> None:
+    """Temp files of processes on this host that are gone (killed mid-write)."""
+    host = socket.gethostname()
+    for f in (run_dir / ".tmp").glob("*"):
+        owner = f.name.split("__", 1)[0]
+        pid, _, on = owner.partition("@")
+        if on != host or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except PermissionError:
+            pass
+
+
+@contextlib.contextmanager
+def _lock(path: Path, wait: bool):
+    """An flock on ``path`` (yields False if ``wait`` is False and another process holds it)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-job locking
+        yield True
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("unreadable record %s (%s): recomputing it", path, e)
+        return None
+
+
+def _supersede(run_dir: Path, stem: str, keep: Path) -> None:
+    """Records of the same (point, task) under another hash (a changed setting) move to ``superseded/``."""
+    for f in (run_dir / "points").glob(f"{glob_escape(stem)}*.json"):
+        rest = f.name[len(stem):-len(".json")]
+        if f == keep or not (rest == "" or (rest.startswith("__") and _HASH_RE.fullmatch(rest[2:]))):
+            continue
+        dest = run_dir / "superseded" / f.name
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(f, dest)
+        log.warning("moved %s (another configuration of the same point and task) to %s", f.name, dest.parent)
+
+
+def glob_escape(s: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", s)
+
+
+def _do_point(cfg, run_dir: Path, point: dict, task: str) -> tuple[str, dict | None]:
+    """Skip, run or record the failure of one (point, task): ('skipped'|'ran'|'failed'|'busy', record)."""
+    pid, stem = point_id(point), record_stem(point, task)
+    h = point_hash(point_identity(cfg, point, task))
+    target = run_dir / "points" / f"{stem}__{h}.json"
+    with _lock(run_dir / ".locks" / f"{stem}.lock", wait=False) as mine:
+        if not mine:
+            log.info("skip %s %s: another job is running it", pid, task)
+            return "busy", None
+        old = _read_record(target)
+        if old is not None and old.get("status", "ok") == "ok" and old.get("hash") == h:
+            now = _provenance(cfg.model.device)["git_commit"]
+            note = f" (computed at commit {old.get('git_commit')}, now {now})" if old.get("git_commit") != now else ""
+            log.info("skip %s %s: done, %s%s", pid, task, target.name, note)
+            return "skipped", old
+        if old is not None:
+            log.info("retry %s %s: it failed before (%s)", pid, task, old.get("error"))
+        log.info("run %s %s", pid, task)
+        t0 = time.perf_counter()
+        try:
+            rec, status = run_point(cfg, point, task), "ran"
+        except Exception as e:  # noqa: BLE001 - a failed point is data; KeyboardInterrupt/SystemExit end the sweep
+            rec, status = _failure_record(cfg, point, task, e, time.perf_counter() - t0), "failed"
+            log.error("failed %s %s: %s", pid, task, rec["error"])
+            _free_accelerator_memory()
+        _write_record(run_dir, target, rec)
+        _supersede(run_dir, stem, keep=target)
+        return status, rec
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_dir_of(cfg) -> Path:
+    return Path(cfg.results_dir) / cfg.experiment_name / cfg.run_id
+
+
 def run_experiment(cfg) -> Path:
-    """Run the grid; returns the results folder. Raises ConfigError on bad input, before any output."""
+    """Run (or resume) the grid; returns the results folder.
+
+    Raises ConfigError on bad input, before any output; raises PointsFailed at the end
+    (after the report) when some (point, task) failed.
+    """
     points = validate(cfg)
     if cfg.data_dir:
         os.environ["ALISA_DATA_DIR"] = str(cfg.data_dir)
-    from lm_eval.tasks import TaskManager
+    for kind in sorted({task_kind(t) for t in cfg.tasks}):
+        RUNNERS[kind].check(cfg, [t for t in cfg.tasks if task_kind(t) == kind])
+    run_dir = run_dir_of(cfg)
+    _check_writable(run_dir, str(cfg.results_dir))
+    _model, tok = get_model(cfg.model)
+    if tok is None:
+        raise ConfigError(f"model.name={cfg.model.name!r} has no tokenizer (random weights): accuracy needs a real model")
 
-    tm = TaskManager(include_path=cfg.tasks_dir)
-    local = sorted(t for t in tm.all_tasks if t.endswith("_local"))
-    for t in cfg.tasks:
-        if t not in tm.all_tasks:
-            raise ConfigError(f"unknown task {t!r}: local tasks are {', '.join(local)} (or any stock lm-eval task name)")
-    run_id = cfg.run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.results_dir) / cfg.experiment_name / run_id
-    if run_dir.exists():
-        raise ConfigError(f"results folder {str(run_dir)!r} already exists: choose another run_id")
-    _check_writable(Path(cfg.results_dir))
+    from tqdm import tqdm
 
-    from .lm_eval_model import AlisaLM
-    from .models import load_model
     from .report import rebuild
     from .wandb_log import WandbLogger
 
-    try:
-        model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if tok is None:
-        raise ConfigError(f"model.name={cfg.model.name!r} has no tokenizer (random weights): accuracy needs a real model")
-    run_dir.mkdir(parents=True)
-    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    common = {
-        "experiment": cfg.experiment_name, "run_id": run_id,
-        "model": {"name": cfg.model.name, "dtype": str(model.dtype).removeprefix("torch."), "device": cfg.model.device,
-                  "random_weights": cfg.model.name.startswith("random:")},
-        "seed": cfg.seed, "prefill": cfg.grid.prefill, "max_length": cfg.max_length,
-        "git_commit": git_commit(), "versions": versions(), "hardware": hardware(cfg.model.device),
-    }
+    (run_dir / "points").mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # the latest invocation's
+    _clean_stale_tmp(run_dir)
     logger = WandbLogger(cfg.logger, run_dir, cfg.experiment_name)
-    from lm_eval import simple_evaluate
-    from tqdm import tqdm
-
+    counts = {"ran": 0, "skipped": 0, "failed": 0, "busy": 0}
+    failures: list[dict] = []
     try:
         bar = tqdm(total=len(points) * len(cfg.tasks), desc=cfg.experiment_name, unit="eval", file=sys.stderr)
         for p in points:
-            records = []
+            records, fresh = [], False
             for task in cfg.tasks:
                 bar.set_postfix_str(f"{point_id(p)} {task}")
-                lm = AlisaLM(pretrained=model, tokenizer=tok, policy=p["policy"], prefill=cfg.grid.prefill,
-                             batch_size=cfg.batch_size, max_length=cfg.max_length, **policy_kwargs(p))
-                limit = cfg.task_limits.get(task, cfg.limit)
-                t0 = time.perf_counter()
-                try:
-                    out = simple_evaluate(model=lm, tasks=[task], num_fewshot=cfg.num_fewshot, limit=limit,
-                                          task_manager=tm, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-                                          torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
-                                          bootstrap_iters=1000, log_samples=False, verbosity="WARNING")
-                finally:
-                    lm.close()
-                wall = time.perf_counter() - t0
-                metrics = _metrics(out["results"][task])
-                kept = lm.kept_fraction()
-                rec = {**common, **p, "point_id": point_id(p), "task": task, "metrics": metrics, "limit": limit,
-                       "primary_metric": primary_metric(metrics),
-                       "num_fewshot": out.get("n-shot", {}).get(task, cfg.num_fewshot),
-                       "n_docs": out.get("n-samples", {}).get(task, {}).get("effective"),
-                       "n_docs_total": out.get("n-samples", {}).get(task, {}).get("original"),
-                       "kept_fraction": {"overall": kept["overall"],
-                                         "per_layer": [kept["per_layer"][k] for k in sorted(kept["per_layer"])]},
-                       "wall_time_s": wall,
-                       "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-                write_json(run_dir / "points" / f"{point_id(p)}__{task}.json", rec)
-                records.append(rec)
+                status, rec = _do_point(cfg, run_dir, p, task)
+                counts[status] += 1
+                if status == "failed":
+                    failures.append(rec)
+                elif rec is not None:
+                    records.append(rec)
+                    fresh |= status == "ran"
                 bar.update()
-            logger.log_point(p, records)
+            if fresh:
+                logger.log_point(p, records)
         bar.close()
-        summary = rebuild(run_dir, echo=True)
-        logger.log_summary(summary)
+        log.info("%s: %d ran, %d skipped (done before), %d failed, %d left to another job", run_dir,
+                 counts["ran"], counts["skipped"], counts["failed"], counts["busy"])
+        with _lock(run_dir / ".locks" / "report.lock", wait=True):
+            summary = rebuild(run_dir, echo=True) if any(True for _ in _ok_records(run_dir)) else None
+        if summary is not None and counts["ran"]:
+            logger.log_summary(summary)
     finally:
         logger.finish()
+    if failures:
+        total = len(points) * len(cfg.tasks)
+        named = ", ".join(f"{r['point_id']}/{r['task']} ({r['error']})" for r in failures[:5])
+        more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
+        raise PointsFailed(f"{len(failures)} of {total} (point, task) runs failed: {named}{more}; failure records with "
+                           f"tracebacks in {run_dir / 'points'}; rerun the same command to retry them",
+                           run_dir=run_dir, failures=failures)
     return run_dir
 
 
-def _check_writable(root: Path) -> None:
+def _ok_records(run_dir: Path):
+    from .report import load_records
+
+    return load_records(run_dir)
+
+
+def _check_writable(run_dir: Path, results_dir: str) -> None:
+    """The run folder (or its nearest existing parent) must be writable; creates nothing."""
+    probe_dir = run_dir
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        if not probe_dir.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        if run_dir.exists() and (run_dir / "points").exists():
+            fd, probe = tempfile.mkstemp(dir=run_dir / "points", prefix=".write-probe-")
+            os.close(fd)
+            os.unlink(probe)
     except OSError as e:
-        raise ConfigError(f"results_dir={str(root)!r} cannot be written ({e.strerror})") from None
+        raise ConfigError(f"results_dir={results_dir!r} cannot be written ({e.strerror}: {str(probe_dir)!r}): "
+                          "allowed is a writable folder") from None
 
 
 def _experiment_names() -> list[str]:
@@ -140,7 +463,8 @@ def _experiment_names() -> list[str]:
 
 
 def precheck(argv: list[str]) -> None:
-    """One-line errors for what Hydra would report in many lines: unknown experiment, bad keys or types."""
+    """One-line errors for what Hydra would report in many lines: unknown experiment, bad keys or types, and
+    (for a multirun) every job's values, before any job starts."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
@@ -150,16 +474,32 @@ def precheck(argv: list[str]) -> None:
             name = a.split("=", 1)[1]
             if name not in _experiment_names():
                 raise ConfigError(f"unknown experiment {name!r}: allowed are {', '.join(_experiment_names())}")
-    if any(a in ("-m", "--multirun") or a.startswith("hydra") or a.startswith("-") for a in argv):
-        return  # sweeps and Hydra flags: Hydra checks them itself
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    args = [a for a in argv if a not in ("-m", "--multirun")]
+    if any(a.startswith("-") for a in args):
+        return  # other Hydra flags (--config-dir, --cfg, ...): Hydra checks them itself
+    args = [a for a in args if not a.lstrip("+~").startswith("hydra")]  # launcher etc.: Hydra's business
     register_configs()
     try:
+        jobs = _sweep_jobs(args) if multirun else [args]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name="config", overrides=argv)
+            for job in jobs:
+                cfg = compose(config_name="config", overrides=job)
+                if multirun:
+                    validate(cfg, machine=False)
     except OverrideParseException as e:
         raise ConfigError(f"malformed override {e.override!r}: {_one_line(e)} (write lists as key=[a,b])") from None
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
+
+
+def _sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The overrides of every job of a basic-sweeper multirun."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides=args)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 def _one_line(e: BaseException) -> str:
@@ -177,32 +517,34 @@ def _one_line(e: BaseException) -> str:
     return msg
 
 
+def hydra_task(cfg) -> None:
+    """The Hydra task function (module level: a multirun launcher pickles it by reference)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        run_experiment(cfg)
+    except (ConfigError, PointsFailed) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if multirun:
+            raise  # Hydra marks the job failed, runs the others, and exits 1 after them
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+
 def main() -> None:
     import hydra
 
     register_configs()
-
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-    def _main(cfg) -> None:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN and cfg.run_id is None:  # jobs of one sweep start in the same second
-            cfg.run_id = f"{dt.datetime.now():%Y%m%d-%H%M%S}-job{hc.job.num}"
-        try:
-            run_experiment(cfg)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
     try:
         precheck(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    _main()
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(hydra_task)()
 
 
 if __name__ == "__main__":
-    main()
+    from alisa.eval import main as _main  # the importable module, not __main__: launchers pickle its functions
+
+    _main()

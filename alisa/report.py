@@ -15,9 +15,22 @@ from pathlib import Path
 from .results import read_json, write_atomic
 
 
+def _all_records(run_dir: Path) -> list[dict]:
+    return [read_json(f) for f in sorted((Path(run_dir) / "points").glob("*.json"))]
+
+
 def load_records(run_dir: Path) -> list[dict]:
-    files = sorted((Path(run_dir) / "points").glob("*.json"))
-    return [read_json(f) for f in files]
+    """The successful (point, task) records of a run (records without a status predate failure records)."""
+    return [r for r in _all_records(run_dir) if r.get("status", "ok") == "ok"]
+
+
+def load_failures(run_dir: Path) -> list[dict]:
+    """The failure records (status failed: error, traceback) of a run; a rerun retries them."""
+    return [r for r in _all_records(run_dir) if r.get("status", "ok") != "ok"]
+
+
+def failure_lines(failures: list[dict]) -> list[str]:
+    return [f"FAILED {r['point_id']} {r['task']}: {r.get('error')}" for r in failures]
 
 
 def _setting(r: dict) -> str:
@@ -118,22 +131,25 @@ def plot_accuracy(records: list[dict], path: Path) -> Path | None:
 def rebuild(run_dir: Path, echo: bool = False) -> dict:
     """Rewrite summary.csv and the plots of ``run_dir`` from its JSON records."""
     run_dir = Path(run_dir)
-    records = load_records(run_dir)
+    everything = _all_records(run_dir)
+    records = [r for r in everything if r.get("status", "ok") == "ok"]
+    failed = [r for r in everything if r.get("status", "ok") != "ok"]
     if not records:
-        raise ValueError(f"{str(run_dir)!r} holds no results (no points/*.json)")
+        raise ValueError(f"{str(run_dir)!r} holds no results (no successful points/*.json"
+                         + (f"; {len(failed)} failed)" if failed else ")"))
     rows = summary_rows(records)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
     write_atomic(run_dir / "summary.csv", buf.getvalue())
-    text = table(records)
+    text = "\n".join([table(records), *failure_lines(failed)])
     write_atomic(run_dir / "summary.txt", text + "\n")
     plot = plot_accuracy(records, run_dir / "plots" / "accuracy_vs_sparsity.png")
     if echo:
         print(text)
         print(f"results: {run_dir}")
-    return {"records": records, "rows": rows, "table": text, "plots": [p for p in [plot] if p]}
+    return {"records": records, "failures": failed, "rows": rows, "table": text, "plots": [p for p in [plot] if p]}
 
 
 def main(argv: list[str] | None = None) -> int:

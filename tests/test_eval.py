@@ -51,13 +51,14 @@ def test_run_writes_results_report_and_wandb(tmp_path):
     run = run_experiment(cfg)
     assert run == tmp_path / "results" / "unit" / "r1"
     assert (run / "config.yaml").exists()
-    recs = {p.name: json.loads(p.read_text()) for p in (run / "points").glob("*.json")}
-    assert sorted(recs) == ["dense-s0__tiny_mc.json", "swa-s0.8__tiny_mc.json"]
-    swa = recs["swa-s0.8__tiny_mc.json"]
+    recs = {p.name.rsplit("__", 1)[0]: json.loads(p.read_text()) for p in (run / "points").glob("*.json")}
+    assert sorted(recs) == ["dense-s0__tiny_mc", "swa-s0.8__tiny_mc"]
+    swa = recs["swa-s0.8__tiny_mc"]
+    assert swa["status"] == "ok" and (run / "points" / f"swa-s0.8__tiny_mc__{swa['hash']}.json").exists()
     assert swa["policy"] == "swa" and swa["sparsity"] == 0.8 and swa["task"] == "tiny_mc" and swa["n_docs"] == 6
     assert set(swa["metrics"]["acc"]) == {"value", "stderr"} and swa["primary_metric"] == "acc"
     assert len(swa["kept_fraction"]["per_layer"]) == 30 and 0 < swa["kept_fraction"]["overall"] < 1
-    assert recs["dense-s0__tiny_mc.json"]["kept_fraction"]["overall"] == 1.0
+    assert recs["dense-s0__tiny_mc"]["kept_fraction"]["overall"] == 1.0
     for key in ("git_commit", "versions", "hardware", "wall_time_s", "seed", "model"):
         assert key in swa
     rows = list(csv.DictReader((run / "summary.csv").open()))
@@ -84,18 +85,35 @@ def run_cli(*args, cwd):
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
 
 
+# One case per kind of bad input: one line naming the bad value and what is allowed, exit 2, nothing written.
+# (A corrupt golden file: tests/test_regression.py::test_corrupt_golden_is_one_clear_error; an unwritable
+# results folder: test_unwritable_results_dir below; a bad value in one job of a multirun:
+# tests/test_sweeps.py::test_multirun_bad_job_fails_before_any_job_starts.)
 @pytest.mark.parametrize("args,message", [
-    (["+experiment=nope"], "error: unknown experiment 'nope': allowed are ci_regression, paper_accuracy, quickstart"),
-    (["grid.policies=[dense,swa9]"], "error: unknown policy 'swa9': allowed are dense, h2o, local, sinks, strided, swa"),
-    (["grid.sparsities=[1.5]", "grid.policies=[swa]"], "error: sparsity=1.5 is invalid: allowed is a number in [0, 1)"),
-    (["tasks=[piqa_local]", "data_dir=/nonexistent/alisa-data"], "error: data folder '/nonexistent/alisa-data' does not exist: run `python -m alisa.data prepare`"),
-    (["tasks=[no_such_task]"], "error: unknown task 'no_such_task': local tasks are"),
-    (["grid.bogus=1"], "error: Could not override 'grid.bogus': Key 'bogus' not in 'GridConf' (allowed keys: policies, sparsities, budgets, prefill)"),
-    (["limit=abc"], "error: Error merging override limit=abc: Value 'abc' of type 'str' could not be converted to Float"),
-    (["grid.policies=[swa]", "grid.budgets=[0]"], "error: budget=0 is invalid: allowed is an integer >= 1 (tokens)"),
-    (["grid.policies=[dense"], "error: malformed override 'grid.policies=[dense': no viable alternative at input '[dense'"),
-    (["model.name=no-org/no-model"], "error: model 'no-org/no-model' is not a local folder and the hub is offline"),
-    (["model.device=cuda"], "error: model.device='cuda' asked for, but no CUDA GPU is available here"),
+    pytest.param(["+experiment=nope"], "error: unknown experiment 'nope': allowed are ci_regression, paper_accuracy, quickstart",
+                 id="unknown_experiment"),
+    pytest.param(["grid.policies=[dense,swa9]"], "error: unknown policy 'swa9': allowed are dense, h2o, local, sinks, strided, swa",
+                 id="unknown_policy"),
+    pytest.param(["grid.sparsities=[1.5]", "grid.policies=[swa]"], "error: sparsity=1.5 is invalid: allowed is a number in [0, 1)",
+                 id="sparsity_out_of_range"),
+    pytest.param(["tasks=[piqa_local]", "data_dir=/nonexistent/alisa-data"],
+                 "error: data folder '/nonexistent/alisa-data' does not exist: run `python -m alisa.data prepare`",
+                 id="missing_data_folder"),
+    pytest.param(["tasks=[no_such_task]"], "error: unknown task 'no_such_task': local tasks are", id="unknown_task"),
+    pytest.param(["grid.bogus=1"], "error: Could not override 'grid.bogus': Key 'bogus' not in 'GridConf' "
+                 "(allowed keys: policies, sparsities, budgets, prefill)", id="unknown_key"),
+    pytest.param(["limit=abc"], "error: Error merging override limit=abc: Value 'abc' of type 'str' could not be "
+                 "converted to Float", id="wrong_type"),
+    pytest.param(["grid.policies=[swa]", "grid.budgets=[0]"], "error: budget=0 is invalid: allowed is an integer >= 1 (tokens)",
+                 id="budget_not_positive"),
+    pytest.param(["grid.policies=[dense"], "error: malformed override 'grid.policies=[dense': no viable alternative at "
+                 "input '[dense'", id="malformed_override"),
+    pytest.param(["model.name=no-org/no-model"], "error: model 'no-org/no-model' is not a local folder and the hub is offline",
+                 id="unknown_model"),
+    pytest.param(["model.device=cuda"], "error: model.device='cuda' asked for, but no CUDA GPU is available here",
+                 id="gpu_without_gpu"),
+    pytest.param(["run_id=a/b"], "error: run_id='a/b' is invalid: allowed are letters, digits, '.', '-' and '_'",
+                 id="bad_run_id"),
 ])
 def test_bad_input_one_line_error_and_no_results(tmp_path, args, message):
     import torch
@@ -113,15 +131,6 @@ def check_one_line(r, message, tmp_path):
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
 
 
-def test_multirun_sweeps_the_same_keys(tmp_path):
-    tasks = make_task(tmp_path / "tasks")
-    r = run_cli("-m", f"tasks_dir={tasks}", "tasks=[tiny_mc]", "grid.policies=[swa]", "grid.sparsities=[0.5],[0.9]",
-                f"results_dir={tmp_path / 'results'}", "experiment_name=sweep", "logger=none", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    points = sorted(p.name for p in (tmp_path / "results" / "sweep").glob("*/points/*.json"))
-    assert points == ["swa-s0.5__tiny_mc.json", "swa-s0.9__tiny_mc.json"]
-
-
 @pytest.mark.slow
 def test_quickstart_experiment(tmp_path, data_root):
     """The README's accuracy quickstart, offline (about two minutes on 2 cores)."""
@@ -129,7 +138,7 @@ def test_quickstart_experiment(tmp_path, data_root):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "swa@0.8" in r.stdout and "copa_local (acc)" in r.stdout
     run = tmp_path / "quickstart" / "q"
-    assert len(list((run / "points").glob("*.json"))) == 8
+    assert len(list((run / "points").glob("*.json"))) == 8 and not list((run / "points").glob("*.tmp"))
     assert (run / "plots" / "accuracy_vs_sparsity.png").exists() and list((run / "wandb").glob("offline-run-*"))
 
 
@@ -140,7 +149,8 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path):
         cfg = compose_cfg([f"tasks_dir={tasks}", "tasks=[tiny_mc]", "grid.policies=[h2o]", "grid.sparsities=[0.5]",
                            f"results_dir={tmp_path / 'results'}", f"run_id={run_id}", "logger=none", "num_fewshot=2"])
         run = run_experiment(cfg)
-        metrics.append(json.loads((run / "points" / "h2o-s0.5__tiny_mc.json").read_text())["metrics"])
+        [record] = (run / "points").glob("h2o-s0.5__tiny_mc__*.json")
+        metrics.append(json.loads(record.read_text())["metrics"])
     assert metrics[0] == metrics[1]
 
 
@@ -148,3 +158,4 @@ def test_unwritable_results_dir(tmp_path):
     r = run_cli("results_dir=/proc/alisa-results", cwd=tmp_path)
     assert r.returncode == 2
     check_one_line(r, "error: results_dir='/proc/alisa-results' cannot be written", tmp_path)
+    assert "allowed is a writable folder" in r.stderr
