@@ -96,7 +96,7 @@ def step_cost(profile: Profile, config, dtype: str, policy: Policy, wl: Workload
     xb = input_bytes_per_token(config, dtype) * L * wl.batch
     n = wl.prompt + step + 1
     held, sel = held_tokens(policy, n), selected_tokens(policy, n)
-    k_loc = min(held, policy.half_count(n))
+    k_loc = min(held, policy.half_count(n)) if plan.local_on_device else 0.0
     phase = plan.phase(step)
     host = plan.alpha * max(0.0, held - k_loc) if phase >= 2 else 0.0
     gone = plan.beta * host if phase == 3 else 0.0

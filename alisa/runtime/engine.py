@@ -175,7 +175,10 @@ class Engine:
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32) -> Generation:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 keep_logits: bool = False) -> Generation:
+        """Greedy-decode ``max_new_tokens`` per sequence (left padding allowed); ``keep_logits``
+        also returns each step's last-position logits in ``Generation.extra["logits"]`` (B, new, V)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: allowed is an integer >= 1")
         model, dev = self.model, self.device
@@ -194,6 +197,7 @@ class Engine:
                 t0 = time.perf_counter()
                 out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
                 tok = out.logits[:, -1].argmax(-1)
+                logits = [out.logits[:, -1].float()] if keep_logits else None
                 _sync(dev)
                 prefill_s = time.perf_counter() - t0
                 cache = ctl.last_cache
@@ -212,12 +216,15 @@ class Engine:
                     _sync(dev)
                     steps.append(time.perf_counter() - t0)
                     tokens.append(tok)
+                    if keep_logits:
+                        logits.append(out.logits[:, -1].float())
                 self._track(peak, cache.kv_bytes())
                 return Generation(
                     tokens=torch.stack(tokens, 1), prefill_s=prefill_s, step_s=steps, kv=peak, tiers=tiers, phases=phases,
                     traffic=cache.traffic(), kept_fraction=ctl.kept_fraction()["overall"],
                     peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                    peak_cuda_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
+                    peak_cuda_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+                    extra={"logits": torch.stack(logits, 1)} if keep_logits else {})
 
     def _track(self, peak: dict[str, int], now: dict[str, int]) -> None:
         """Keep the peak of each figure; enforce the tier budgets."""

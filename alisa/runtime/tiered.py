@@ -42,6 +42,7 @@ class Plan:
     beta: float = 0.0
     p1: int | None = None
     p2: int | None = None
+    local_on_device: bool = True  # False: alpha applies to all held KV (FlexGen-style static offload)
 
     def __post_init__(self):
         for name in ("alpha", "beta"):
@@ -373,8 +374,11 @@ class TieredStore:
         if phase == 1:
             return
         live = self.pos >= 0
-        k_loc = self.policy.half_count(t_next + 1)[:, None]
-        nonlocal_ = live & (self.pos < t_next[:, None] - k_loc + 1)
+        if plan.local_on_device:
+            k_loc = self.policy.half_count(t_next + 1)[:, None]
+            nonlocal_ = live & (self.pos < t_next[:, None] - k_loc + 1)
+        else:
+            nonlocal_ = live
         n_off = (live & (self.tier != DEVICE)).sum(1)
         need = (torch.floor(plan.alpha * nonlocal_.sum(1).double()).long() - n_off).clamp(min=0)
         cand = nonlocal_ & (self.tier == DEVICE)
