@@ -30,11 +30,12 @@ class TieredCache(AlisaCache):
     """An :class:`AlisaCache` whose layers move to a :class:`TieredStore` after the prompt."""
 
     def __init__(self, policy: Policy, num_layers: int, *, model, plan: Plan, int8: bool, device, host,
-                 recorder=None):
+                 recorder=None, reserve: int = 0):
         super().__init__(policy, num_layers)
         self.model, self.plan, self.int8 = model, plan, int8
         self.device, self.host = torch.device(device), torch.device(host)
         self.recorder = recorder
+        self.reserve = reserve
         self.tiered: list[TieredStore | None] = [None] * num_layers
         self.step = 0  # the decode step the next schedule prepares for
 
@@ -56,7 +57,7 @@ class TieredCache(AlisaCache):
         if ts is None:
             out = super().attend(layer_idx, query, chunk, scale, sliding_window, stats)
             store = self.store(layer_idx)
-            ts = TieredStore(self.policy, self.device, self.host, self.int8, query.dtype)
+            ts = TieredStore(self.policy, self.device, self.host, self.int8, query.dtype, self.reserve)
             x = self.recorder[layer_idx] if self.plan.records_inputs else None
             ts.adopt(store, x, chunk.q_pos)
             store.keys = store.values = store.pos = store.state = None  # the tiered store owns them now
@@ -69,6 +70,19 @@ class TieredCache(AlisaCache):
             ts.evict(self.policy.retain(ts.pos, chunk.t_next, ts.state))
         ts.schedule(self.plan, self.step, chunk.t_next)
         return out
+
+    def adopt_prefill(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Start from a shared dense prefill's K, V (copied), evicted as this (stateless) policy says."""
+        q_pos = self.begin(mask)
+        for l, (k, v) in enumerate(kv):
+            store = self.store(l)
+            store.append(k.clone(), v.clone(), q_pos)
+            store.evict(self.policy.retain(store.kv()[2], self.n_real, store.state))
+            ts = TieredStore(self.policy, self.device, self.host, self.int8, k.dtype, self.reserve)
+            ts.adopt(store, None, None)
+            store.keys = store.values = store.pos = store.state = None
+            self.tiered[l] = ts
+            ts.schedule(self.plan, self.step, self.n_real)
 
     def kv_bytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -147,6 +161,30 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return p.masked_fill(mask == 0, 1)
 
 
+@dataclass
+class Prefilled:
+    """One dense prefill of a prompt, shared by variants that would compute the same one."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, H_kv, T, D)
+    logits: torch.Tensor  # (B, V) at the last position
+    seconds: float
+
+
+@torch.inference_mode()
+def dense_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Prefilled:
+    """The unmodified model's prompt forward with its default cache (what stock ``generate`` runs first)."""
+    dev = next(model.parameters()).device
+    ids = input_ids.to(dev)
+    mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(dev)
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
+    _sync(dev)
+    seconds = time.perf_counter() - t0
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    return Prefilled([(l.keys, l.values) for l in cache.layers], out.logits[:, -1], seconds)
+
+
 class Engine:
     """Greedy batched generation with a policy, a three-phase plan and optional INT8 KV.
 
@@ -176,9 +214,13 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 keep_logits: bool = False) -> Generation:
+                 keep_logits: bool = False, prefilled: "Prefilled | None" = None) -> Generation:
         """Greedy-decode ``max_new_tokens`` per sequence (left padding allowed); ``keep_logits``
-        also returns each step's last-position logits in ``Generation.extra["logits"]`` (B, new, V)."""
+        also returns each step's last-position logits in ``Generation.extra["logits"]`` (B, new, V).
+
+        ``prefilled`` (from :func:`dense_prefill` on the same prompt) replaces the prompt's
+        forward for a stateless policy with dense prefill: its K, V are copied into the store
+        (then evicted as the policy says), and its time is reported as the prefill time."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: allowed is an integer >= 1")
         model, dev = self.model, self.device
@@ -188,19 +230,27 @@ class Engine:
         with recorder as rec:
             def factory(policy, n_layers):
                 return TieredCache(policy, n_layers, model=model, plan=self.plan, int8=self.int8, device=dev,
-                                   host="cpu", recorder=rec)
+                                   host="cpu", recorder=rec, reserve=max_new_tokens)
 
             with apply(model, self.policy, self.prefill, cache_factory=factory) as ctl:
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 _sync(dev)
                 t0 = time.perf_counter()
-                out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
-                tok = out.logits[:, -1].argmax(-1)
-                logits = [out.logits[:, -1].float()] if keep_logits else None
-                _sync(dev)
-                prefill_s = time.perf_counter() - t0
-                cache = ctl.last_cache
+                if prefilled is None:
+                    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
+                    last, cache = out.logits[:, -1], ctl.last_cache
+                    _sync(dev)
+                    prefill_s = time.perf_counter() - t0
+                else:
+                    if self.policy.stateful or self.prefill != "dense":
+                        raise ValueError(f"a shared prefill serves stateless policies with prefill='dense', not {self.policy!r} "
+                                         f"with prefill={self.prefill!r}")
+                    cache = factory(self.policy, model.config.num_hidden_layers)
+                    cache.adopt_prefill(prefilled.kv, mask)
+                    last, prefill_s = prefilled.logits, prefilled.seconds
+                tok = last.argmax(-1)
+                logits = [last.float()] if keep_logits else None
                 tokens, steps, tiers, phases = [tok], [], [], []
                 peak: dict[str, int] = {}
                 for j in range(1, max_new_tokens):

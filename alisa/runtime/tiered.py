@@ -114,9 +114,10 @@ class Pool:
 
     GROWTH = 1.5
 
-    def __init__(self, device: torch.device | str, int8: bool = False):
+    def __init__(self, device: torch.device | str, int8: bool = False, reserve: int = 0):
         self.device = torch.device(device)
         self.int8 = int8
+        self.reserve = reserve  # columns to leave free at the first allocation (e.g. the tokens still to decode)
         self.buf: dict[str, torch.Tensor] = {}
         self.live: torch.Tensor | None = None
         self.used = 0
@@ -188,7 +189,9 @@ class Pool:
         idx, valid = rows_of(live)
         keep = idx.shape[1]
         cap, need = self.capacity, keep + extra
-        if need > cap or cap > 2 * need + 16:
+        if cap == 0:
+            cap = need + self.reserve
+        elif need > cap or cap > 2 * need + 16:
             cap = int(need * self.GROWTH) + 16
         new = {}
         for k, v in self.buf.items():
@@ -203,6 +206,10 @@ class Pool:
         remap.scatter_(1, torch.where(valid, idx, u), torch.arange(keep, device=self.device).expand_as(idx).clone())
         return remap[:, :u]
 
+    def sparse(self) -> bool:
+        """Fewer than half the used columns of the fullest row are live: worth compacting."""
+        return self.used > 64 and 2 * int(self.live[:, :self.used].sum(1).max()) < self.used
+
     def bytes_allocated(self) -> int:
         return _nbytes(self.buf.values())
 
@@ -216,10 +223,10 @@ class Pool:
 class TieredStore:
     """The runtime KV of one layer; see the module docstring."""
 
-    def __init__(self, policy: Policy, device, host, int8: bool, dtype: torch.dtype):
+    def __init__(self, policy: Policy, device, host, int8: bool, dtype: torch.dtype, reserve: int = 0):
         self.policy = policy
         self.dtype = dtype
-        self.dev = Pool(device, int8)
+        self.dev = Pool(device, int8, reserve)
         self.host = Pool(host, int8)
         self.xs = Pool(host)  # attention inputs of tokens that may be recomputed (never quantized)
         self.pos = self.tier = self.loc = self.xloc = None
@@ -285,9 +292,19 @@ class TieredStore:
         idx, valid = rows_of(gone & (self.xloc >= 0))
         self.xs.free(self.xloc.gather(1, idx), valid)
         self.pos = torch.where(gone, -1, self.pos)
+        self._compact_pools()
         live = self.pos >= 0
         if 2 * int(live.sum(1).max()) < self.used:
             self._compact(live)
+
+    def _compact_pools(self) -> None:
+        """Give memory back once a pool is mostly freed columns (after evictions or offloads)."""
+        if self.dev.sparse():
+            self.loc = _remap(self.loc, self.tier == DEVICE, self.dev.compact())
+        if self.host.sparse():
+            self.loc = _remap(self.loc, self.tier == HOST, self.host.compact())
+        if self.xs.sparse():
+            self.xloc = _remap(self.xloc, self.xloc >= 0, self.xs.compact())
 
     def _compact(self, live: torch.Tensor) -> None:
         idx, valid = rows_of(live)
@@ -395,6 +412,7 @@ class TieredStore:
                 self.host.free(self.loc.gather(1, idx), valid)
                 self.tier = torch.where(drop, GONE, self.tier)
                 self.loc = torch.where(drop, -1, self.loc)
+                self._compact_pools()
                 self.traffic.tokens_deleted += int(valid.sum())
 
     def _offload(self, move: torch.Tensor) -> None:
@@ -408,6 +426,7 @@ class TieredStore:
         self.loc = _remap(self.loc, self.tier == HOST, remap)
         self.loc.scatter_(1, idx, torch.where(valid, new_cols, self.loc.gather(1, idx)))
         self.tier = torch.where(move, HOST, self.tier)
+        self._compact_pools()
         self.traffic.tokens_offloaded += int(valid.sum())
         self.traffic.seconds["transfer"] += _now() - t0
 

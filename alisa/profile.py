@@ -1,0 +1,135 @@
+"""Measure this machine for the runtime's cost model: ``python -m alisa.profile [--model NAME]``.
+
+Measures, for one model on the device tier (cuda when present, else cpu): a decode step's
+time at batch 1 and 8 with a tiny context, the bandwidth of reading KV in attention, the
+bandwidth of moving token columns between the tiers (the gather + copy the runtime does),
+the FLOP rate of recomputing K, V, and the capacities. Saves
+``results/profiles/<host>-<device>-<model>.json`` (atomically) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .results import REPO, hardware, write_json
+from .runtime.costmodel import Profile
+
+
+def _timeit(fn, device, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(model, name: str, dtype: torch.dtype, device: torch.device) -> Profile:
+    from .runtime.engine import Engine
+    from .runtime.recompute import kv_from_inputs, recompute_flops_per_token
+
+    cfg = model.config
+    vocab = cfg.vocab_size
+
+    def steps(batch: int) -> float:
+        ids = torch.randint(10, vocab, (batch, 16), generator=torch.Generator().manual_seed(0))
+        g = Engine(model, "dense").generate(ids, None, 6)
+        return statistics.median(g.step_s)
+
+    t1, t8 = steps(1), steps(8)
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    g = cfg.num_attention_heads // hkv
+    C = 8192
+    k = torch.randn(8, hkv, C, hd, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    q = torch.randn(8, hkv, g, hd, dtype=dtype, device=device)
+
+    def attn():
+        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float(), -1).to(dtype)
+        return torch.matmul(p, v)
+
+    read_bw = 2 * k.numel() * k.element_size() / _timeit(attn, device)
+    # Moving token columns between tiers: gather half the columns, then copy across.
+    host = torch.device("cpu")
+    src = torch.randn(8, hkv, C, hd, dtype=dtype, device=host)
+    if device.type == "cuda":
+        src = src.pin_memory()
+    cols = torch.randperm(C)[: C // 2].sort().values
+    idx = cols.view(1, 1, -1, 1).expand(8, hkv, -1, hd).to(host)
+
+    def move():
+        return src.gather(2, idx).to(device, non_blocking=False)
+
+    copy_bw = src.numel() // 2 * src.element_size() / _timeit(move, device)
+    T = 1024
+    x = torch.randn(1, T, cfg.hidden_size, dtype=dtype, device=device)
+    pos = torch.arange(T, device=device)[None]
+    rec_s = _timeit(lambda: kv_from_inputs(model, 0, x, pos), device)
+    flops = recompute_flops_per_token(cfg) * T / rec_s
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    dev_cap = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else ram
+    return Profile(
+        device=device.type, hardware=hardware(device.type), model=name, dtype=str(dtype).removeprefix("torch."),
+        step_base_s=t1, step_per_seq_s=max(0.0, (t8 - t1) / 7), attn_read_bw=read_bw, copy_bw=copy_bw,
+        recompute_flops=flops, device_capacity=int(dev_cap), host_capacity=int(ram),
+        case="cuda: host tier across the real link" if device.type == "cuda" else "cpu: both tiers in RAM, moves are real copies",
+        extra={"step_s_batch1": t1, "step_s_batch8": t8, "recompute_s_per_1024_tokens_layer0": rec_s})
+
+
+def profile_path(name: str, device: str, root: Path | None = None) -> Path:
+    safe = name.replace("/", "_").replace(":", "_")
+    return (root or REPO / "results" / "profiles") / f"{socket.gethostname()}-{device}-{safe}.json"
+
+
+def load_profile(name: str, device: str, root: Path | None = None) -> Profile | None:
+    p = profile_path(name, device, root)
+    return Profile.from_dict(json.loads(p.read_text())) if p.exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m alisa.profile", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | random:<shape> | local folder")
+    ap.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the model's)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    ap.add_argument("--out", default=None, help="output JSON (default results/profiles/<host>-<device>-<model>.json)")
+    a = ap.parse_args(argv)
+    if a.device not in ("cpu", "cuda"):
+        print(f"error: --device={a.device!r} is invalid: allowed are cpu, cuda", file=sys.stderr)
+        return 2
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device='cuda' but no GPU is visible: allowed here is cpu", file=sys.stderr)
+        return 2
+    from .models import load_model
+
+    try:
+        model, _ = load_model(a.model, dtype=a.dtype, device=a.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prof = measure(model, a.model, model.dtype, torch.device(a.device))
+    out = Path(a.out) if a.out else profile_path(a.model, a.device)
+    write_json(out, prof.to_dict())
+    for k, v in prof.to_dict().items():
+        if k != "hardware":
+            print(f"{k:>16}: {v}")
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

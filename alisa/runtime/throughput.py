@@ -1,0 +1,120 @@
+"""Throughput of one (system, policy, sparsity) point on one workload, with the baselines.
+
+Systems, measured side by side on the same prompts:
+
+* ``stock``: the unmodified model with transformers' default dense cache, greedy
+  (the loop ``generate`` runs: one prompt forward, then one forward per token);
+* ``hf_offloaded``: the same with transformers' ``OffloadedCache`` (needs CUDA; recorded
+  as skipped elsewhere);
+* ``flexgen``: FlexGen-style static offload: the engine with the dense policy and a fixed
+  fraction of all KV on the host, all of it moved to the device every step;
+* ``engine``: the ALISA runtime with the point's policy (and a plan searched with the
+  cost model when a profile and budgets are given).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict
+
+import torch
+
+from ..policies import make_policy
+from .engine import BudgetExceeded, Engine, Prefilled, _sync, dense_prefill, position_ids
+from .tiered import Plan
+
+SYSTEMS = ("stock", "hf_offloaded", "flexgen", "engine")
+
+
+def workload_prompts(tokenizer, batch: int, prompt: int, seed: int = 0, vocab: int | None = None) -> torch.Tensor:
+    """(batch, prompt) token ids: windows of WikiText-2 test text (the local data folder) for a
+    real tokenizer, else uniform random ids (random-weight models)."""
+    g = torch.Generator().manual_seed(seed)
+    if tokenizer is None:
+        return torch.randint(10, vocab, (batch, prompt), generator=g)
+    from ..data import load_rows
+
+    text = "\n".join(r["page"] for r in load_rows("wikitext", "test"))
+    ids = torch.tensor(tokenizer(text[: 12 * prompt * batch + 100_000]).input_ids)
+    if len(ids) < prompt + batch:
+        raise ValueError(f"WikiText-2 has too few tokens for prompt={prompt}")
+    starts = torch.randint(0, len(ids) - prompt, (batch,), generator=g)
+    return torch.stack([ids[s:s + prompt] for s in starts.tolist()])
+
+
+@torch.inference_mode()
+def stock_generate(model, ids: torch.Tensor, new_tokens: int, prefilled: Prefilled | None = None, offloaded: bool = False) -> dict:
+    """Greedy decode with transformers' own cache; per-step times."""
+    from transformers import DynamicCache
+
+    dev = next(model.parameters()).device
+    ids = ids.to(dev)
+    mask = torch.ones_like(ids)
+    if offloaded:
+        from transformers.cache_utils import OffloadedCache  # noqa: F401  (only exists with accelerate; checked by caller)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    if prefilled is not None:
+        cache = DynamicCache(offloading=offloaded) if offloaded else DynamicCache()
+        for l, (k, v) in enumerate(prefilled.kv):
+            cache.update(k.clone(), v.clone(), l)
+        last, prefill_s = prefilled.logits, prefilled.seconds
+    else:
+        cache = DynamicCache(offloading=True) if offloaded else None
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(dev)
+        prefill_s = time.perf_counter() - t0
+        cache, last = out.cache if getattr(out, "cache", None) is not None else out.past_key_values, out.logits[:, -1]
+    tok = last.argmax(-1)
+    tokens, steps = [tok], []
+    for _ in range(1, new_tokens):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        t0 = time.perf_counter()
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=position_ids(mask)[:, -1:], cache=cache, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1)
+        _sync(dev)
+        steps.append(time.perf_counter() - t0)
+        tokens.append(tok)
+    kv = sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers)
+    B = ids.shape[0]
+    decode_s = sum(steps)
+    return {"tokens": torch.stack(tokens, 1), "batch": B, "new_tokens": new_tokens,
+            "throughput_tok_s": B * new_tokens / (prefill_s + decode_s), "decode_tok_s": B * len(steps) / decode_s if decode_s else None,
+            "prefill_s": prefill_s, "decode_s": decode_s, "total_s": prefill_s + decode_s,
+            "step_s_mean": decode_s / len(steps) if steps else None,
+            "kv_bytes_peak": {"device": kv, "host": 0}, "bytes_d2h": None, "bytes_h2d": None, "tokens_recomputed": 0,
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
+
+
+def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy: str = "dense", sparsity: float | None = None,
+              budget: int | None = None, prefill: str = "dense", int8: bool = False, plan: Plan | None = None,
+              flexgen_fraction: float = 0.5, device_budget: int | None = None, host_budget: int | None = None,
+              prefilled: Prefilled | None = None) -> dict:
+    """Measure one system on ``ids``; returns a flat record (status ok / oom / skipped / failed)."""
+    if system not in SYSTEMS:
+        raise ValueError(f"unknown system {system!r}: allowed are {', '.join(SYSTEMS)}")
+    dev = next(model.parameters()).device
+    rec = {"system": system, "case": "cuda: device and host tiers across the real link" if dev.type == "cuda"
+           else "cpu: both tiers in RAM, transfers are real copies", "prefill_shared": prefilled is not None}
+    try:
+        if system in ("stock", "hf_offloaded"):
+            if system == "hf_offloaded" and dev.type != "cuda":
+                return {**rec, "status": "skipped", "reason": "transformers' offloaded cache moves KV between a GPU and the CPU; no GPU here"}
+            out = stock_generate(model, ids, new_tokens, prefilled, offloaded=system == "hf_offloaded")
+            out.pop("tokens")
+            return {**rec, "status": "ok", "policy": "dense", **out}
+        if system == "flexgen":
+            pol, pl = make_policy("dense"), Plan(alpha=flexgen_fraction, p1=0, local_on_device=False)
+        else:
+            pol, pl = make_policy(policy, sparsity=sparsity, budget=budget), plan or Plan()
+        use_shared = prefilled if (prefilled is not None and not pol.stateful and prefill == "dense") else None
+        eng = Engine(model, pol, prefill=prefill, plan=pl, int8=int8, device_budget=device_budget, host_budget=host_budget)
+        g = eng.generate(ids, None, new_tokens, prefilled=use_shared)
+        s = g.summary()
+        return {**rec, "status": "ok", "prefill_shared": use_shared is not None, **pol.key, "prefill": prefill, "int8": int8,
+                "plan": asdict(pl), **s}
+    except (BudgetExceeded, torch.OutOfMemoryError, MemoryError) as e:
+        return {**rec, "status": "oom", "error": f"{type(e).__name__}: {e}"}
