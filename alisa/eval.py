@@ -382,13 +382,13 @@ def run_experiment(cfg) -> Path:
         RUNNERS[kind].check(cfg, [t for t in cfg.tasks if task_kind(t) == kind])
     run_dir = run_dir_of(cfg)
     _check_writable(run_dir, str(cfg.results_dir))
-    _model, tok = get_model(cfg.model)
+    _, tok = get_model(cfg.model)
     if tok is None:
         raise ConfigError(f"model.name={cfg.model.name!r} has no tokenizer (random weights): accuracy needs a real model")
 
     from tqdm import tqdm
 
-    from .report import rebuild
+    from .report import load_records, rebuild
     from .wandb_log import WandbLogger
 
     (run_dir / "points").mkdir(parents=True, exist_ok=True)
@@ -417,7 +417,7 @@ def run_experiment(cfg) -> Path:
         log.info("%s: %d ran, %d skipped (done before), %d failed, %d left to another job", run_dir,
                  counts["ran"], counts["skipped"], counts["failed"], counts["busy"])
         with _lock(run_dir / ".locks" / "report.lock", wait=True):
-            summary = rebuild(run_dir, echo=True) if any(True for _ in _ok_records(run_dir)) else None
+            summary = rebuild(run_dir, echo=True) if load_records(run_dir) else None  # not when all failed
         if summary is not None and counts["ran"]:
             logger.log_summary(summary)
     finally:
@@ -430,12 +430,6 @@ def run_experiment(cfg) -> Path:
                            f"tracebacks in {run_dir / 'points'}; rerun the same command to retry them",
                            run_dir=run_dir, failures=failures)
     return run_dir
-
-
-def _ok_records(run_dir: Path):
-    from .report import load_records
-
-    return load_records(run_dir)
 
 
 def _check_writable(run_dir: Path, results_dir: str) -> None:
@@ -469,12 +463,15 @@ def precheck(argv: list[str]) -> None:
     from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
+    multirun = any(a in ("-m", "--multirun") for a in argv)
     for a in argv:
         if a.lstrip("+").startswith("experiment="):
-            name = a.split("=", 1)[1]
-            if name not in _experiment_names():
-                raise ConfigError(f"unknown experiment {name!r}: allowed are {', '.join(_experiment_names())}")
-    multirun = any(a in ("-m", "--multirun") for a in argv)
+            value = a.split("=", 1)[1]
+            if multirun and value.startswith("choice(") and value.endswith(")"):
+                value = value[len("choice("):-1]
+            for name in (value.split(",") if multirun else [value]):
+                if name.strip() not in _experiment_names():
+                    raise ConfigError(f"unknown experiment {name.strip()!r}: allowed are {', '.join(_experiment_names())}")
     args = [a for a in argv if a not in ("-m", "--multirun")]
     if any(a.startswith("-") for a in args):
         return  # other Hydra flags (--config-dir, --cfg, ...): Hydra checks them itself
