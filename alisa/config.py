@@ -54,6 +54,23 @@ class LoggerConf:
 
 
 @dataclass
+class ThroughputConf:
+    """The throughput workload, run for the task named ``throughput`` (alisa.runtime)."""
+
+    batches: Any = field(default_factory=lambda: [4])  # list[int] or one batch size
+    prompt: int = 128  # prompt tokens (WikiText-2 windows; random ids for random: models)
+    new_tokens: int = 32
+    systems: Any = field(default_factory=lambda: ["engine"])  # engine | stock | flexgen | hf_offloaded
+    prefill: Optional[str] = None  # the engine's prompt mode; None: grid.prefill
+    int8: bool = False
+    plan: str = "none"  # none: all KV on the device | auto: cost-model search under the budgets (needs a profile)
+    device_budget: Optional[int] = None  # bytes of KV the device tier may hold
+    host_budget: Optional[int] = None
+    flexgen_fraction: float = 0.5  # FlexGen-style baseline: fraction of the dense KV on the host
+    profile: Optional[str] = None  # profile JSON for plan=auto (default: results/profiles/<host>-<device>-<model>.json)
+
+
+@dataclass
 class EvalConf:
     experiment_name: str = "adhoc"  # results/<experiment_name>/<run id>/
     model: ModelConf = field(default_factory=ModelConf)
@@ -70,6 +87,7 @@ class EvalConf:
     results_dir: str = "results"
     run_id: str = "main"  # results/<experiment_name>/<run_id>/: an existing folder is resumed
     logger: LoggerConf = field(default_factory=LoggerConf)
+    throughput: ThroughputConf = field(default_factory=ThroughputConf)
 
 
 def register_configs() -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import REPO, ConfigError, point_id, policy_kwargs, register_configs, validate
+from .config import REPO, ConfigError, _listify, point_id, policy_kwargs, register_configs, validate
 from .results import _umask_mode, git_commit, hardware, read_json, versions, write_atomic
 
 log = logging.getLogger("alisa.eval")
@@ -163,12 +163,146 @@ class LmEvalRunner:
                                   "per_layer": [kept["per_layer"][k] for k in sorted(kept["per_layer"])]}}
 
 
-RUNNERS = {"lm_eval": LmEvalRunner()}
+THROUGHPUT = "throughput"
+_PREFILLS: dict = {}  # shared dense prefills of this process, by (model, batch, prompt, seed)
+
+
+class ThroughputRunner:
+    """The throughput workload (``cfg.throughput``) for one system at one batch size.
+
+    The task ``throughput`` in ``tasks`` expands to ``tput-<system>-b<batch>``; baselines
+    (systems other than ``engine``) do not depend on the point's policy and run at the
+    dense point only.
+    """
+
+    kind = THROUGHPUT
+
+    @staticmethod
+    def parse(task: str) -> tuple[str, int]:
+        _, system, b = task.split("-")
+        return system, int(b[1:])
+
+    def check(self, cfg, tasks: list[str]) -> None:
+        from .integration import PREFILL_MODES
+        from .runtime.throughput import SYSTEMS
+
+        tc = cfg.throughput
+        for key in ("throughput.batches", "throughput.systems"):
+            _listify(cfg, key)
+        for sysname in tc.systems:
+            if sysname not in SYSTEMS:
+                raise ConfigError(f"unknown throughput system {sysname!r}: allowed are {', '.join(SYSTEMS)}")
+        for b in tc.batches:
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise ConfigError(f"throughput.batches entry {b!r} is invalid: allowed is an integer >= 1")
+        for key in ("prompt", "new_tokens"):
+            v = tc[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"throughput.{key}={v!r} is invalid: allowed is an integer >= 1")
+        for key in ("device_budget", "host_budget"):
+            v = tc[key]
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"throughput.{key}={v!r} is invalid: allowed is a number of bytes >= 1 or null")
+        if tc.prefill is not None and tc.prefill not in PREFILL_MODES:
+            raise ConfigError(f"throughput.prefill={tc.prefill!r} is invalid: allowed are {', '.join(PREFILL_MODES)} or null")
+        if tc.plan not in ("none", "auto"):
+            raise ConfigError(f"throughput.plan={tc.plan!r} is invalid: allowed are none, auto")
+        if not 0 <= tc.flexgen_fraction <= 1:
+            raise ConfigError(f"throughput.flexgen_fraction={tc.flexgen_fraction!r} is invalid: allowed is a fraction in [0, 1]")
+        if tc.plan == "auto" and self._profile(cfg) is None:
+            raise ConfigError(f"throughput.plan=auto needs a profile of this machine: run `python -m alisa.profile "
+                              f"--model {cfg.model.name} --device {cfg.model.device}` (or set throughput.profile=FILE)")
+
+    @staticmethod
+    def _profile(cfg):
+        from .profile import load_profile
+        from .runtime.costmodel import Profile
+
+        if cfg.throughput.profile:
+            path = Path(cfg.throughput.profile)
+            if not path.is_file():
+                raise ConfigError(f"throughput.profile={str(path)!r} does not exist: run `python -m alisa.profile --out FILE`")
+            return Profile.from_dict(read_json(path))
+        return load_profile(cfg.model.name, cfg.model.device)
+
+    def tasks(self, cfg) -> list[str]:
+        _listify(cfg, "throughput.batches")
+        _listify(cfg, "throughput.systems")
+        return [f"tput-{s}-b{b}" for s in cfg.throughput.systems for b in cfg.throughput.batches]
+
+    def applies(self, point: dict, task: str) -> bool:
+        return self.parse(task)[0] == "engine" or point["policy"] == "dense"
+
+    def identity(self, cfg, point: dict, task: str) -> dict:
+        tc = cfg.throughput
+        system, batch = self.parse(task)
+        ident = {"system": system, "batch": batch, "prompt": tc.prompt, "new_tokens": tc.new_tokens,
+                 "prefill_mode": tc.prefill or cfg.grid.prefill, "int8": tc.int8, "plan": tc.plan,
+                 "device_budget": tc.device_budget, "host_budget": tc.host_budget}
+        if system == "flexgen":
+            ident["flexgen_fraction"] = tc.flexgen_fraction
+        return ident
+
+    def run(self, cfg, point: dict, task: str) -> dict:
+        from .policies import make_policy
+        from .runtime.costmodel import Workload, predict, search
+        from .runtime.engine import dense_prefill, shares_dense_prefill
+        from .runtime.throughput import run_point as measure, workload_prompts
+        from .runtime.tiered import Plan
+
+        tc = cfg.throughput
+        system, batch = self.parse(task)
+        model, tok = get_model(cfg.model)
+        key = (cfg.model.name, cfg.model.dtype, cfg.model.device, batch, tc.prompt, cfg.seed)
+        ids = workload_prompts(tok, batch, tc.prompt, seed=cfg.seed, vocab=model.config.vocab_size)
+        prefill = tc.prefill or cfg.grid.prefill
+        pol = make_policy(point["policy"], **policy_kwargs(point))
+        shareable = system != "engine" or shares_dense_prefill(pol, prefill)
+        if shareable and key not in _PREFILLS:
+            _PREFILLS[key] = dense_prefill(model, ids)
+        plan, pred = None, None
+        prof = self._profile(cfg)
+        wl = Workload(batch, tc.prompt, tc.new_tokens)
+        dtype = str(model.dtype).removeprefix("torch.")
+        if system == "engine" and prof is not None:
+            if tc.plan == "auto":
+                pred = search(prof, model.config, dtype, pol, wl, tc.device_budget, tc.host_budget)
+                plan = pred.plan
+            else:
+                pred = predict(prof, model.config, dtype, pol, wl, Plan(), tc.device_budget, tc.host_budget)
+        rec = measure(model, system, ids, tc.new_tokens, policy=point["policy"], sparsity=point["sparsity"],
+                      budget=point["budget"], prefill=prefill, int8=tc.int8, plan=plan,
+                      flexgen_fraction=tc.flexgen_fraction, device_budget=tc.device_budget, host_budget=tc.host_budget,
+                      prefilled=_PREFILLS.get(key) if shareable else None)
+        if pred is not None:
+            rec["predicted"] = pred.to_dict()
+            if rec.get("decode_s") is not None:
+                rec["predicted_vs_measured_decode"] = pred.total_s / rec["decode_s"] if rec["decode_s"] else None
+        return {"throughput": rec, "workload": {"batch": batch, "prompt": tc.prompt, "new_tokens": tc.new_tokens},
+                "model": {"name": cfg.model.name, "dtype": dtype, "device": cfg.model.device,
+                          "random_weights": cfg.model.name.startswith("random:")},
+                "kept_fraction": {"overall": rec.get("kept_fraction"), "per_layer": []}}
+
+
+RUNNERS = {"lm_eval": LmEvalRunner(), THROUGHPUT: ThroughputRunner()}
 
 
 def task_kind(task: str) -> str:
-    """Which runner handles ``task``. Every task is an lm-eval task today; a workload kind plugs in here."""
-    return "lm_eval"
+    """Which runner handles ``task``: ``tput-<system>-b<batch>`` is the throughput workload, all else lm-eval."""
+    return THROUGHPUT if task.startswith("tput-") else "lm_eval"
+
+
+def expand_tasks(cfg) -> list[str]:
+    """``tasks`` with ``throughput`` replaced by its (system, batch) workloads."""
+    out = []
+    for t in cfg.tasks:
+        out += RUNNERS[THROUGHPUT].tasks(cfg) if t == THROUGHPUT else [t]
+    return out
+
+
+def applies(point: dict, task: str) -> bool:
+    runner = RUNNERS[task_kind(task)]
+    return runner.applies(point, task) if hasattr(runner, "applies") else True
 
 
 def point_identity(cfg, point: dict, task: str) -> dict:
@@ -378,13 +512,17 @@ def run_experiment(cfg) -> Path:
     points = validate(cfg)
     if cfg.data_dir:
         os.environ["ALISA_DATA_DIR"] = str(cfg.data_dir)
-    for kind in sorted({task_kind(t) for t in cfg.tasks}):
-        RUNNERS[kind].check(cfg, [t for t in cfg.tasks if task_kind(t) == kind])
+    if THROUGHPUT in cfg.tasks:
+        RUNNERS[THROUGHPUT].check(cfg, [])
+    tasks = expand_tasks(cfg)
+    for kind in sorted({task_kind(t) for t in tasks}):
+        RUNNERS[kind].check(cfg, [t for t in tasks if task_kind(t) == kind])
     run_dir = run_dir_of(cfg)
     _check_writable(run_dir, str(cfg.results_dir))
     _, tok = get_model(cfg.model)
-    if tok is None:
+    if tok is None and any(task_kind(t) == "lm_eval" for t in tasks):
         raise ConfigError(f"model.name={cfg.model.name!r} has no tokenizer (random weights): accuracy needs a real model")
+    n_pairs = sum(applies(p, t) for p in points for t in tasks)
 
     from tqdm import tqdm
 
@@ -398,10 +536,12 @@ def run_experiment(cfg) -> Path:
     counts = {"ran": 0, "skipped": 0, "failed": 0, "busy": 0}
     failures: list[dict] = []
     try:
-        bar = tqdm(total=len(points) * len(cfg.tasks), desc=cfg.experiment_name, unit="eval", file=sys.stderr)
+        bar = tqdm(total=n_pairs, desc=cfg.experiment_name, unit="eval", file=sys.stderr)
         for p in points:
             records, fresh = [], False
-            for task in cfg.tasks:
+            for task in tasks:
+                if not applies(p, task):
+                    continue
                 bar.set_postfix_str(f"{point_id(p)} {task}")
                 status, rec = _do_point(cfg, run_dir, p, task)
                 counts[status] += 1
@@ -423,7 +563,7 @@ def run_experiment(cfg) -> Path:
     finally:
         logger.finish()
     if failures:
-        total = len(points) * len(cfg.tasks)
+        total = n_pairs
         named = ", ".join(f"{r['point_id']}/{r['task']} ({r['error']})" for r in failures[:5])
         more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
         raise PointsFailed(f"{len(failures)} of {total} (point, task) runs failed: {named}{more}; failure records with "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -39,15 +40,45 @@ def _setting(r: dict) -> str:
     return f"{r['policy']}@{r['sparsity']:g}" if r.get("budget") is None else f"{r['policy']}@B{r['budget']}"
 
 
+THROUGHPUT_FIELDS = ("throughput_tok_s", "decode_tok_s", "prefill_s", "step_s_mean", "bytes_h2d", "bytes_d2h",
+                     "tokens_recomputed")
+
+
+def is_throughput(r: dict) -> bool:
+    return r.get("kind") == "throughput"
+
+
+def split(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(accuracy records, throughput records)."""
+    return [r for r in records if not is_throughput(r)], [r for r in records if is_throughput(r)]
+
+
+def kv_device(t: dict) -> float | None:
+    kv = t.get("kv_bytes_peak") or {}
+    return kv.get("device")
+
+
 def summary_rows(records: list[dict]) -> list[dict]:
     rows = []
     for r in records:
+        if is_throughput(r):
+            t = r["throughput"]
+            values = {k: t.get(k) for k in THROUGHPUT_FIELDS}
+            values["kv_device_bytes_peak"] = kv_device(t)
+            values["kv_host_bytes_peak"] = (t.get("kv_bytes_peak") or {}).get("host")
+            for name, v in values.items():
+                rows.append({"point_id": r["point_id"], "policy": r["policy"], "sparsity": r.get("sparsity"),
+                             "budget": r.get("budget"), "task": r["task"], "metric": name, "value": v, "stderr": None,
+                             "primary": name == "decode_tok_s", "n_docs": None, "num_fewshot": None,
+                             "kept_fraction": t.get("kept_fraction"), "wall_time_s": r.get("wall_time_s"),
+                             "status": t.get("status")})
+            continue
         for name, m in sorted(r["metrics"].items()):
             rows.append({"point_id": r["point_id"], "policy": r["policy"], "sparsity": r.get("sparsity"),
                          "budget": r.get("budget"), "task": r["task"], "metric": name, "value": m["value"],
                          "stderr": m["stderr"], "primary": name == r["primary_metric"], "n_docs": r.get("n_docs"),
                          "num_fewshot": r.get("num_fewshot"), "kept_fraction": r["kept_fraction"]["overall"],
-                         "wall_time_s": r.get("wall_time_s")})
+                         "wall_time_s": r.get("wall_time_s"), "status": "ok"})
     return rows
 
 
@@ -72,18 +103,182 @@ def table(records: list[dict]) -> str:
             wall += r.get("wall_time_s") or 0.0
         row += [f"{sum(kept) / len(kept):.3f}" if kept else "-", f"{wall:.0f}"]
         lines.append(row)
-    widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
+    return _fmt(lines)
+
+
+def throughput_table(records: list[dict]) -> str:
+    """One line per (system, setting, batch): tokens/s, step time, peak KV, traffic, status."""
+    head = ["system", "setting", "batch", "tok/s e2e", "decode tok/s", "prefill s", "ms/step", "KV dev MB", "KV host MB",
+            "moved MB", "recomp", "pred/meas", "status"]
+    lines = [head]
+    key = lambda r: (r["throughput"]["system"], _setting(r) != "dense", _setting(r), r["workload"]["batch"])
+    for r in sorted(records, key=key):
+        t = r["throughput"]
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)
+        kv = t.get("kv_bytes_peak") or {}
+        moved = None if t.get("bytes_h2d") is None else (t["bytes_h2d"] + (t.get("bytes_d2h") or 0)) / 1e6
+        pred = t.get("predicted_vs_measured_decode")
+        lines.append([t["system"], _setting(r) if t["system"] == "engine" else "dense", str(r["workload"]["batch"]),
+                      f(t.get("throughput_tok_s"), ".1f"), f(t.get("decode_tok_s"), ".1f"), f(t.get("prefill_s"), ".2f"),
+                      f(None if t.get("step_s_mean") is None else t["step_s_mean"] * 1e3, ".1f"),
+                      f(None if kv.get("device") is None else kv["device"] / 1e6, ".1f"),
+                      f(None if kv.get("host") is None else kv["host"] / 1e6, ".1f"), f(moved, ".1f"),
+                      f(t.get("tokens_recomputed"), "d"), f(pred, ".2f"), t.get("status", "?")])
+    return _fmt(lines)
+
+
+def _fmt(lines: list[list[str]]) -> str:
+    widths = [max(len(str(l[i])) for l in lines) for i in range(len(lines[0]))]
     fmt = lambda l: "  ".join(str(c).ljust(w) for c, w in zip(l, widths))
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])
 
 
-def plot_accuracy(records: list[dict], path: Path) -> Path | None:
-    """Primary metric vs KV sparsity: one panel per task, one line per policy (dense at 0, error bars = stderr)."""
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    tmp = path.with_suffix(".png.tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+    return path
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_throughput(records: list[dict], path: Path) -> Path | None:
+    """Decode tokens/s vs batch: one line per system (the engine: one per setting)."""
+    ok = [r for r in records if r["throughput"].get("status") == "ok"]
+    if not ok:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, list] = {}
+    for r in ok:
+        t = r["throughput"]
+        name = f"engine {_setting(r)}" if t["system"] == "engine" else t["system"]
+        series.setdefault(name, []).append((r["workload"]["batch"], t["decode_tok_s"]))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=name,
+                linestyle="--" if not name.startswith("engine") else "-")
+    oom = [r for r in records if r["throughput"].get("status") == "oom"]
+    for r in oom:
+        ax.axvline(r["workload"]["batch"], color="red", alpha=0.2)
+    w = ok[0]["workload"]
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{ok[0]['model']['name']}: prompt {w['prompt']}, {w['new_tokens']} new tokens "
+                 f"({ok[0]['hardware']['device']})" + (" — red: out of memory" if oom else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_breakdown(records: list[dict], path: Path) -> Path | None:
+    """Decode time split into compute / transfer / recompute, at the largest batch each system ran."""
+    ok = [r for r in records if r["throughput"].get("status") == "ok" and r["throughput"].get("decode_s")]
+    if not ok:
+        return None
+    best: dict[str, dict] = {}
+    for r in ok:
+        t = r["throughput"]
+        name = f"engine {_setting(r)}" if t["system"] == "engine" else t["system"]
+        if name not in best or r["workload"]["batch"] > best[name]["workload"]["batch"]:
+            best[name] = r
+    plt = _plt()
+    names = sorted(best)
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names)), 4))
+    bottoms = [0.0] * len(names)
+    for part in ("compute", "transfer", "recompute"):
+        vals = []
+        for n in names:
+            t = best[n]["throughput"]
+            tr, rc = t.get("seconds_transfer") or 0.0, t.get("seconds_recompute") or 0.0
+            vals.append({"compute": t["decode_s"] - tr - rc, "transfer": tr, "recompute": rc}[part])
+        ax.bar(names, vals, bottom=bottoms, label=part)
+        bottoms = [b + v for b, v in zip(bottoms, vals)]
+    ax.set_ylabel("decode seconds (measured)")
+    ax.set_title("time breakdown at each system's largest batch", fontsize=9)
+    ax.tick_params(axis="x", rotation=45, labelsize=7)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def pareto_points(records: list[dict]) -> list[dict]:
+    """One point per (policy, sparsity): mean primary accuracy over the accuracy tasks, the engine's
+    decode tokens/s and peak device KV bytes at its largest batch."""
+    acc, tput = split(records)
+    out = []
+    for pid in sorted({r["point_id"] for r in acc}):
+        a = [r for r in acc if r["point_id"] == pid and not r["primary_metric"].endswith("perplexity")]
+        t = [r for r in tput if r["point_id"] == pid and r["throughput"]["system"] == "engine"
+             and r["throughput"].get("status") == "ok"]
+        if not a or not t:
+            continue
+        t = max(t, key=lambda r: r["workload"]["batch"])
+        out.append({"point_id": pid, "setting": _setting(a[0]), "policy": a[0]["policy"], "sparsity": a[0].get("sparsity"),
+                    "accuracy": sum(r["metrics"][r["primary_metric"]]["value"] for r in a) / len(a),
+                    "tasks": sorted(r["task"] for r in a), "decode_tok_s": t["throughput"]["decode_tok_s"],
+                    "throughput_tok_s": t["throughput"]["throughput_tok_s"], "kv_bytes": kv_device(t["throughput"]),
+                    "batch": t["workload"]["batch"]})
+    return out
+
+
+def front(points: list[dict], x: str, better_x_high: bool) -> list[dict]:
+    """Non-dominated points (accuracy high; x high or low)."""
+    sgn = 1 if better_x_high else -1
+    keep = [p for p in points if not any(
+        q["accuracy"] >= p["accuracy"] and sgn * q[x] >= sgn * p[x] and (q["accuracy"] > p["accuracy"] or sgn * q[x] > sgn * p[x])
+        for q in points)]
+    return sorted(keep, key=lambda p: p[x])
+
+
+def pareto_table(points: list[dict]) -> str:
+    lines = [["setting", "accuracy (mean)", "decode tok/s", "tok/s e2e", "KV MB", "batch"]]
+    for p in sorted(points, key=lambda p: (p["setting"] != "dense", p["setting"])):
+        lines.append([p["setting"], f"{p['accuracy']:.4f}", f"{p['decode_tok_s']:.1f}", f"{p['throughput_tok_s']:.1f}",
+                      f"{(p['kv_bytes'] or 0) / 1e6:.1f}", str(p["batch"])])
+    return _fmt(lines)
+
+
+def plot_pareto(points: list[dict], x: str, path: Path, xlabel: str, better_x_high: bool, title: str) -> Path | None:
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for pol in sorted({p["policy"] for p in points}):
+        pts = sorted((p for p in points if p["policy"] == pol), key=lambda p: p[x])
+        if pol == "dense":
+            ax.scatter([p[x] for p in pts], [p["accuracy"] for p in pts], marker="*", s=180, color="black", zorder=5, label="dense")
+            continue
+        ax.plot([p[x] for p in pts], [p["accuracy"] for p in pts], marker="o", linestyle=":", label=pol)
+        for p in pts:
+            ax.annotate(f"{p['sparsity']:g}", (p[x], p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    f = front(points, x, better_x_high)
+    ax.plot([p[x] for p in f], [p["accuracy"] for p in f], color="gray", linewidth=2, alpha=0.5, label="Pareto front")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"mean accuracy ({', '.join(points[0]['tasks'])})")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_accuracy(records: list[dict], path: Path) -> Path | None:
+    """Primary metric vs KV sparsity: one panel per task, one line per policy (dense at 0, error bars = stderr)."""
+    plt = _plt()
     tasks = sorted({r["task"] for r in records})
     if not tasks:
         return None
@@ -117,15 +312,7 @@ def plot_accuracy(records: list[dict], path: Path) -> Path | None:
     axes[0][0].legend(fontsize=8)
     model = records[0]["model"]["name"]
     fig.suptitle(f"{records[0]['experiment']}: {model}, measured on {records[0]['hardware']['device']}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    tmp = path.with_suffix(".png.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 def rebuild(run_dir: Path, echo: bool = False) -> dict:
@@ -143,13 +330,33 @@ def rebuild(run_dir: Path, echo: bool = False) -> dict:
     w.writeheader()
     w.writerows(rows)
     write_atomic(run_dir / "summary.csv", buf.getvalue())
-    text = "\n".join([table(records), *failure_lines(failed)])
+    acc, tput = split(records)
+    plots_dir = run_dir / "plots"
+    parts, plots, pareto = [], [], []
+    if acc:
+        parts.append(table(acc))
+        plots.append(plot_accuracy(acc, plots_dir / "accuracy_vs_sparsity.png"))
+    if tput:
+        parts.append(throughput_table(tput))
+        plots.append(plot_throughput(tput, plots_dir / "throughput_vs_batch.png"))
+        plots.append(plot_breakdown(tput, plots_dir / "time_breakdown.png"))
+    if acc and tput:
+        pareto = pareto_points(records)
+        if pareto:
+            parts.append("Pareto (accuracy vs the engine at its largest batch):\n" + pareto_table(pareto))
+            where = f"{records[0]['model']['name']} on {records[0]['hardware']['device']}"
+            plots.append(plot_pareto(pareto, "decode_tok_s", plots_dir / "pareto_accuracy_vs_throughput.png",
+                                     "decode tokens/s (engine)", True, f"accuracy vs throughput: {where}"))
+            plots.append(plot_pareto(pareto, "kv_bytes", plots_dir / "pareto_accuracy_vs_kv.png",
+                                     "peak KV bytes held (engine)", False, f"accuracy vs KV memory: {where}"))
+            write_atomic(run_dir / "pareto.json", json.dumps(pareto, indent=2) + "\n")
+    text = "\n\n".join(parts + ["\n".join(failure_lines(failed))] * bool(failed))
     write_atomic(run_dir / "summary.txt", text + "\n")
-    plot = plot_accuracy(records, run_dir / "plots" / "accuracy_vs_sparsity.png")
     if echo:
         print(text)
         print(f"results: {run_dir}")
-    return {"records": records, "failures": failed, "rows": rows, "table": text, "plots": [p for p in [plot] if p]}
+    return {"records": records, "failures": failed, "rows": rows, "table": text, "pareto": pareto,
+            "plots": [p for p in plots if p]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,10 +33,15 @@ class WandbLogger:
             return
         first = records[0]
         config = {**point, "experiment": self.experiment, "model": first["model"]["name"], "seed": first["seed"],
-                  "limit": first["limit"], "prefill": first["prefill"], "git_commit": first["git_commit"]}
+                  "limit": first.get("limit"), "prefill": first["prefill"], "git_commit": first["git_commit"]}
         run = self._init(first["point_id"], config)
         summary = {}
         for r in records:
+            if "throughput" in r:  # a throughput workload: its measured figures
+                for name, v in r["throughput"].items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        summary[f"{r['task']}/{name}"] = v
+                continue
             for name, m in r["metrics"].items():
                 summary[f"{r['task']}/{name}"] = m["value"]
                 if m["stderr"] is not None:
@@ -53,7 +58,11 @@ class WandbLogger:
         run = self._init("summary", {"experiment": self.experiment})
         rows = summary["rows"]
         cols = list(rows[0])
-        run.log({"tradeoff": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows]),
+        tables = {"summary": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])}
+        if summary.get("pareto"):
+            pcols = [c for c in summary["pareto"][0] if c != "tasks"]
+            tables["pareto"] = wandb.Table(columns=pcols, data=[[p[c] for c in pcols] for p in summary["pareto"]])
+        run.log({**tables,
                  **{f"plots/{p.stem}": wandb.Image(str(p)) for p in summary["plots"]}})
         self.finish()
 

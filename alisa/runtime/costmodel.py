@@ -94,12 +94,12 @@ def step_cost(profile: Profile, config, dtype: str, policy: Policy, wl: Workload
     L = config.num_hidden_layers
     kvb = kv_bytes_per_token(config, dtype) * L * wl.batch  # one token of every sequence, all layers
     xb = input_bytes_per_token(config, dtype) * L * wl.batch
-    n = wl.prompt + step + 1
+    n = wl.prompt + step + 1  # tokens per sequence after this step; the next query is at t = n
     held, sel = held_tokens(policy, n), selected_tokens(policy, n)
-    k_loc = min(held, policy.half_count(n)) if plan.local_on_device else 0.0
+    k_loc = min(held, policy.half_count(n + 1)) if plan.local_on_device else 0.0  # as TieredStore.schedule rounds
     phase = plan.phase(step)
-    host = plan.alpha * max(0.0, held - k_loc) if phase >= 2 else 0.0
-    gone = plan.beta * host if phase == 3 else 0.0
+    host = math.floor(plan.alpha * max(0.0, held - k_loc)) if phase >= 2 else 0.0
+    gone = math.floor(plan.beta * host) if phase == 3 else 0.0
     on_dev = held - host
     # Selected tokens outside the local window are spread over the non-local ones.
     frac_sel = max(0.0, sel - k_loc) / max(1.0, held - k_loc)

@@ -161,6 +161,12 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return p.masked_fill(mask == 0, 1)
 
 
+def shares_dense_prefill(policy: Policy, prefill: str) -> bool:
+    """Whether the prompt pass under ``policy`` is the unmodified model's (so one can serve many runs):
+    a stateless policy with dense prefill, or dense itself (its sparse prefill is dense)."""
+    return not policy.stateful and (prefill == "dense" or policy.name == "dense")
+
+
 @dataclass
 class Prefilled:
     """One dense prefill of a prompt, shared by variants that would compute the same one."""
@@ -243,7 +249,7 @@ class Engine:
                     _sync(dev)
                     prefill_s = time.perf_counter() - t0
                 else:
-                    if self.policy.stateful or self.prefill != "dense":
+                    if not shares_dense_prefill(self.policy, self.prefill):
                         raise ValueError(f"a shared prefill serves stateless policies with prefill='dense', not {self.policy!r} "
                                          f"with prefill={self.prefill!r}")
                     cache = factory(self.policy, model.config.num_hidden_layers)

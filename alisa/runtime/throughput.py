@@ -21,7 +21,7 @@ from dataclasses import asdict
 import torch
 
 from ..policies import make_policy
-from .engine import BudgetExceeded, Engine, Prefilled, _sync, dense_prefill, position_ids
+from .engine import BudgetExceeded, Engine, Prefilled, _sync, position_ids, shares_dense_prefill
 from .tiered import Plan
 
 SYSTEMS = ("stock", "hf_offloaded", "flexgen", "engine")
@@ -110,7 +110,7 @@ def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy:
             pol, pl = make_policy("dense"), Plan(alpha=flexgen_fraction, p1=0, local_on_device=False)
         else:
             pol, pl = make_policy(policy, sparsity=sparsity, budget=budget), plan or Plan()
-        use_shared = prefilled if (prefilled is not None and not pol.stateful and prefill == "dense") else None
+        use_shared = prefilled if shares_dense_prefill(pol, prefill) else None
         eng = Engine(model, pol, prefill=prefill, plan=pl, int8=int8, device_budget=device_budget, host_budget=host_budget)
         g = eng.generate(ids, None, new_tokens, prefilled=use_shared)
         s = g.summary()

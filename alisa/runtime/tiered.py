@@ -232,6 +232,7 @@ class TieredStore:
         self.pos = self.tier = self.loc = self.xloc = None
         self.state: PolicyState | None = None
         self.traffic = Traffic()
+        self._spare: dict[str, torch.Tensor] = {}  # buffers behind the logical per-slot tensors
 
     # --- logical slots ------------------------------------------------------------------
     @property
@@ -272,14 +273,26 @@ class TieredStore:
         valid = pos >= 0
         cols, remap = self.dev.write({"k": k, "v": v}, valid)
         self.loc = _remap(self.loc, self.tier == DEVICE, remap)
-        self.pos = torch.cat([self.pos, pos], 1)
-        self.tier = torch.cat([self.tier, torch.zeros_like(pos, dtype=torch.int8)], 1)
-        self.loc = torch.cat([self.loc, cols], 1)
-        self.xloc = torch.cat([self.xloc, torch.full_like(pos, -1)], 1)
+        self.pos = self._extend("pos", self.pos, pos)
+        self.tier = self._extend("tier", self.tier, torch.zeros_like(pos, dtype=torch.int8))
+        self.loc = self._extend("loc", self.loc, cols)
+        self.xloc = self._extend("xloc", self.xloc, torch.full_like(pos, -1))
         for name, s in self.state.slot.items() if self.state is not None else ():
-            self.state.slot[name] = torch.cat([s, s.new_zeros(*s.shape[:-1], 1)], -1)
+            self.state.slot[name] = self._extend("state." + name, s, s.new_zeros(*s.shape[:-1], 1))
         if x is not None:
             self._write_x(x, valid)
+
+    def _extend(self, name: str, cur: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """``cur`` (..., used) plus one column, written in place into spare capacity (amortised:
+        no copy of the policy's state every step). Returns the (..., used + 1) view."""
+        buf, u = self._spare.get(name), cur.shape[-1]
+        if (buf is None or buf.data_ptr() != cur.data_ptr() or buf.shape[:-1] != cur.shape[:-1]
+                or buf.shape[-1] <= u or buf.dtype != cur.dtype):  # new, reallocated by compaction or by the policy
+            buf = cur.new_empty(*cur.shape[:-1], int(u * Pool.GROWTH) + 16)
+            buf[..., :u] = cur
+            self._spare[name] = buf
+        buf[..., u:u + 1] = col
+        return buf[..., :u + 1]
 
     def evict(self, retain: torch.Tensor) -> None:
         """Forget every slot not in ``retain``: free its columns; compact the logical slots."""
