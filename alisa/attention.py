@@ -82,7 +82,7 @@ def policy_attention(
             stats.add(layer, keep, q_pos)
         mask = keep | (q_pos < 0)[:, :, None]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling, enable_gqa=Hq != Hkv)
-        for i0 in range(0, Q, OBSERVE_BLOCK):  # bounded memory: (B, H, block, C) probabilities at a time
+        for i0 in range(0, Q if policy.needs_rows else 0, OBSERVE_BLOCK):  # bounded memory: (B, H, block, C) at a time
             i1 = min(Q, i0 + OBSERVE_BLOCK)
             p = torch.softmax(grouped_logits(query[:, :, i0:i1], key, scaling).masked_fill(~mask[:, None, None, i0:i1], float("-inf")), dim=-1)
             rows = p.sum((1, 2)) * (q_pos[:, i0:i1] >= 0)[..., None]  # (B, block, C)

@@ -113,6 +113,11 @@ class Policy(abc.ABC):
         Stateful ones take ``pos`` (B, C) and ``t`` (B,).
         """
 
+    @property
+    def needs_rows(self) -> bool:
+        """Whether :meth:`observe` uses the attention rows (callers may skip computing them otherwise)."""
+        return self.stateful
+
     def observe(self, state: PolicyState | None, pos: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, row: torch.Tensor) -> None:
         """Feed back the attention row the query used: ``row`` (B, C), summed over heads, zero for padding queries."""
 
@@ -224,6 +229,10 @@ class TwoPart(Policy):
             dense = 2 * self.half_count(ms) >= ms
             self.dense_horizon = int(ms[dense].max()) if bool(dense.any()) else 0
 
+    @property
+    def needs_rows(self) -> bool:
+        return self.dense_horizon != math.inf  # sparsity 0: every row is dense, the score is never read
+
     def _rows(self, pos, t):
         """Causal keys, the recent set L, k, and whether the row is dense. t: (B,).
 
@@ -267,6 +276,8 @@ class H2O(TwoPart):
         return recent | heavy if dense is False else torch.where(dense, c, recent | heavy)
 
     def observe(self, state, pos, t, keep, row):
+        if not self.needs_rows:
+            return
         state.slot["acc"] += row
         state.slot["evicted"] |= causal(pos, t[:, None]) & ~keep
 
@@ -317,6 +328,8 @@ class SWA(TwoPart):
         state.slot["ring"], state.other["ring_q"] = new[:, :R2], new_q[:, :R2]
 
     def observe(self, state, pos, t, keep, row):
+        if not self.needs_rows:
+            return
         row = row.to(state.slot["ring"].dtype)  # S adds exactly what the ring will later subtract
         if t.numel() == 1:
             return self._observe_one(state, int(t), row)

@@ -4,7 +4,7 @@ Systems, measured side by side on the same prompts:
 
 * ``stock``: the unmodified model with transformers' default dense cache, greedy
   (the loop ``generate`` runs: one prompt forward, then one forward per token);
-* ``hf_offloaded``: the same with transformers' ``OffloadedCache`` (needs CUDA; recorded
+* ``hf_offloaded``: the same with transformers' offloaded ``DynamicCache(offloading=True)`` (needs CUDA; recorded
   as skipped elsewhere);
 * ``flexgen``: FlexGen-style static offload: the engine with the dense policy and a fixed
   fraction of all KV on the host, all of it moved to the device every step;
@@ -45,18 +45,17 @@ def workload_prompts(tokenizer, batch: int, prompt: int, seed: int = 0, vocab: i
 
 @torch.inference_mode()
 def stock_generate(model, ids: torch.Tensor, new_tokens: int, prefilled: Prefilled | None = None, offloaded: bool = False) -> dict:
-    """Greedy decode with transformers' own cache; per-step times."""
+    """Greedy decode with transformers' own ``DynamicCache`` (``offloading=True``: layers move to
+    the CPU between uses, transformers' offloaded cache); per-step times."""
     from transformers import DynamicCache
 
     dev = next(model.parameters()).device
     ids = ids.to(dev)
     mask = torch.ones_like(ids)
-    if offloaded:
-        from transformers.cache_utils import OffloadedCache  # noqa: F401  (only exists with accelerate; checked by caller)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     if prefilled is not None:
-        cache = DynamicCache(offloading=offloaded) if offloaded else DynamicCache()
+        cache = DynamicCache(offloading=offloaded)
         for l, (k, v) in enumerate(prefilled.kv):
             cache.update(k.clone(), v.clone(), l)
         last, prefill_s = prefilled.logits, prefilled.seconds

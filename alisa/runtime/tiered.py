@@ -385,7 +385,7 @@ class TieredStore:
             o = torch.matmul(probs[..., start:start + n].to(v.dtype), v)
             out = o if out is None else out + o
             start += n
-        if policy.stateful:
+        if policy.needs_rows:
             summed = probs.sum((1, 2))  # (B, total): the row, summed over all query heads
             row = torch.zeros(B, self.used, dtype=summed.dtype, device=summed.device)
             row = torch.where(on_dev, summed[:, :Ud].gather(1, self.loc.clamp(0, max(Ud - 1, 0))), row)
