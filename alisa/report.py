@@ -230,6 +230,7 @@ def pareto_points(records: list[dict]) -> list[dict]:
         t = max(t, key=lambda r: r["workload"]["batch"])
         out.append({"point_id": pid, "setting": _setting(a[0]), "policy": a[0]["policy"], "sparsity": a[0].get("sparsity"),
                     "accuracy": sum(r["metrics"][r["primary_metric"]]["value"] for r in a) / len(a),
+                    "accuracy_stderr": (sum((r["metrics"][r["primary_metric"]]["stderr"] or 0.0) ** 2 for r in a) ** 0.5) / len(a),
                     "tasks": sorted(r["task"] for r in a), "decode_tok_s": t["throughput"]["decode_tok_s"],
                     "throughput_tok_s": t["throughput"]["throughput_tok_s"], "kv_bytes": kv_device(t["throughput"]),
                     "batch": t["workload"]["batch"]})
@@ -253,21 +254,24 @@ def pareto_table(points: list[dict]) -> str:
     return _fmt(lines)
 
 
-def plot_pareto(points: list[dict], x: str, path: Path, xlabel: str, better_x_high: bool, title: str) -> Path | None:
+def plot_pareto(points: list[dict], x: str, path: Path, xlabel: str, better_x_high: bool, title: str,
+                scale: float = 1.0) -> Path | None:
+    """Accuracy (error bars: stderr of the task mean) vs ``x`` (divided by ``scale``), the front in grey."""
     if not points:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for pol in sorted({p["policy"] for p in points}):
         pts = sorted((p for p in points if p["policy"] == pol), key=lambda p: p[x])
+        xs, ys, es = [p[x] / scale for p in pts], [p["accuracy"] for p in pts], [p["accuracy_stderr"] for p in pts]
         if pol == "dense":
-            ax.scatter([p[x] for p in pts], [p["accuracy"] for p in pts], marker="*", s=180, color="black", zorder=5, label="dense")
+            ax.errorbar(xs, ys, yerr=es, marker="*", markersize=14, color="black", zorder=5, label="dense", capsize=3)
             continue
-        ax.plot([p[x] for p in pts], [p["accuracy"] for p in pts], marker="o", linestyle=":", label=pol)
-        for p in pts:
-            ax.annotate(f"{p['sparsity']:g}", (p[x], p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.errorbar(xs, ys, yerr=es, marker="o", linestyle=":", label=pol, capsize=3, alpha=0.85)
+        for p, xv in zip(pts, xs):
+            ax.annotate(f"{p['sparsity']:g}", (xv, p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     f = front(points, x, better_x_high)
-    ax.plot([p[x] for p in f], [p["accuracy"] for p in f], color="gray", linewidth=2, alpha=0.5, label="Pareto front")
+    ax.plot([p[x] / scale for p in f], [p["accuracy"] for p in f], color="gray", linewidth=2, alpha=0.5, label="Pareto front")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"mean accuracy ({', '.join(points[0]['tasks'])})")
     ax.set_title(title, fontsize=9)
@@ -345,10 +349,12 @@ def rebuild(run_dir: Path, echo: bool = False) -> dict:
         if pareto:
             parts.append("Pareto (accuracy vs the engine at its largest batch):\n" + pareto_table(pareto))
             where = f"{records[0]['model']['name']} on {records[0]['hardware']['device']}"
+            w = next(r["workload"] for r in tput)
+            where = f"{where}, batch {pareto[0]['batch']}, prompt {w['prompt']}, {w['new_tokens']} new"
             plots.append(plot_pareto(pareto, "decode_tok_s", plots_dir / "pareto_accuracy_vs_throughput.png",
-                                     "decode tokens/s (engine)", True, f"accuracy vs throughput: {where}"))
+                                     "decode tokens/s (engine, measured)", True, f"accuracy vs throughput: {where}"))
             plots.append(plot_pareto(pareto, "kv_bytes", plots_dir / "pareto_accuracy_vs_kv.png",
-                                     "peak KV bytes held (engine)", False, f"accuracy vs KV memory: {where}"))
+                                     "peak KV held on the device tier (MB)", False, f"accuracy vs KV memory: {where}", scale=1e6))
             write_atomic(run_dir / "pareto.json", json.dumps(pareto, indent=2) + "\n")
     text = "\n\n".join(parts + ["\n".join(failure_lines(failed))] * bool(failed))
     write_atomic(run_dir / "summary.txt", text + "\n")

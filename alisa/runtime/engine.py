@@ -54,14 +54,11 @@ class TieredCache(AlisaCache):
         if sliding_window is not None:
             raise ValueError("the runtime does not combine a model's own sliding window with a policy; use the accuracy path")
         ts = self.tiered[layer_idx]
-        if ts is None:
+        if ts is None:  # the prompt: the core path exactly (masks, eviction), then the runtime takes over
             out = super().attend(layer_idx, query, chunk, scale, sliding_window, stats)
             store = self.store(layer_idx)
-            ts = TieredStore(self.policy, self.device, self.host, self.int8, query.dtype, self.reserve)
             x = self.recorder[layer_idx] if self.plan.records_inputs else None
-            ts.adopt(store, x, chunk.q_pos)
-            store.keys = store.values = store.pos = store.state = None  # the tiered store owns them now
-            self.tiered[layer_idx] = ts
+            ts = self._adopt(layer_idx, *store.kv(), store.state, x, chunk.q_pos)
         else:
             def recompute(x, positions):
                 return kv_from_inputs(self.model, layer_idx, x, positions)
@@ -71,18 +68,22 @@ class TieredCache(AlisaCache):
         ts.schedule(self.plan, self.step, chunk.t_next)
         return out
 
+    def _adopt(self, layer_idx: int, k, v, pos, state, x=None, x_pos=None) -> TieredStore:
+        ts = TieredStore(self.policy, self.device, self.host, self.int8, k.dtype, self.reserve)
+        ts.adopt(k, v, pos, state, x, x_pos)
+        store = self.store(layer_idx)
+        store.seen = max(store.seen, pos.shape[1])
+        store.keys = store.values = store.pos = store.state = None  # the tiered store owns the tokens now
+        self.tiered[layer_idx] = ts
+        return ts
+
     def adopt_prefill(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
-        """Start from a shared dense prefill's K, V (copied), evicted as this (stateless) policy says."""
+        """Start from a shared dense prefill's K, V (copied once, into the device pool), evicted as
+        this (stateless) policy says."""
         q_pos = self.begin(mask)
+        keep = self.policy.retain(q_pos, self.n_real, None)
         for l, (k, v) in enumerate(kv):
-            store = self.store(l)
-            store.append(k.clone(), v.clone(), q_pos)
-            store.evict(self.policy.retain(store.kv()[2], self.n_real, store.state))
-            ts = TieredStore(self.policy, self.device, self.host, self.int8, k.dtype, self.reserve)
-            ts.adopt(store, None, None)
-            store.keys = store.values = store.pos = store.state = None
-            self.tiered[l] = ts
-            ts.schedule(self.plan, self.step, self.n_real)
+            self._adopt(l, k, v, torch.where(keep, q_pos, -1), None).schedule(self.plan, self.step, self.n_real)
 
     def kv_bytes(self) -> dict[str, int]:
         out: dict[str, int] = {}

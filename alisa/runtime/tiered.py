@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kvstore import SlotStore
 from ..policies import Policy, PolicyState
 from .quant import dequantize, quantize_tensors
 
@@ -239,13 +238,13 @@ class TieredStore:
     def used(self) -> int:
         return 0 if self.pos is None else self.pos.shape[1]
 
-    def adopt(self, store: SlotStore, x: torch.Tensor | None, x_pos: torch.Tensor | None) -> None:
-        """Take over a prefilled :class:`SlotStore` (already evicted): its live slots become
-        device-resident logical slots; ``x`` (B, T, hidden) at positions ``x_pos`` (B, T) are
-        the prompt's attention inputs, kept for slots that may be recomputed."""
-        store.compact()
-        k, v, pos = store.kv()
-        self.state = store.state
+    def adopt(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, state: PolicyState | None,
+              x: torch.Tensor | None = None, x_pos: torch.Tensor | None = None) -> None:
+        """Start from a prompt's slots: k, v (B, H, C, D) at positions ``pos`` (B, C; -1: not
+        kept) with the policy's ``state``; they become device-resident logical slots (copied into
+        the device pool). ``x`` (B, T, hidden) at positions ``x_pos`` (B, T) are the prompt's
+        attention inputs, kept for slots that may be recomputed."""
+        self.state = state
         self.pos = pos.clone()
         live = pos >= 0
         self.tier = torch.zeros_like(pos, dtype=torch.int8)
