@@ -11,7 +11,9 @@ accuracy (a near-tie flipping) and slightly in perplexity.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from .report import load_records
@@ -86,7 +88,10 @@ def _run_ci_experiment(results_dir: Path) -> Path:
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["+experiment=ci_regression", f"results_dir={results_dir}"])
+        # a fresh run id: the golden numbers must come from this code, never from resumed records
+        run_id = f"regression-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        cfg = compose(config_name="config", overrides=["+experiment=ci_regression", f"results_dir={results_dir}",
+                                                       f"run_id={run_id}"])
     return run_experiment(cfg)
 
 
