@@ -186,9 +186,7 @@ class ThroughputRunner:
         from .integration import PREFILL_MODES
         from .runtime.throughput import SYSTEMS
 
-        tc = cfg.throughput
-        for key in ("throughput.batches", "throughput.systems"):
-            _listify(cfg, key)
+        tc = cfg.throughput  # lists already made by tasks()
         for sysname in tc.systems:
             if sysname not in SYSTEMS:
                 raise ConfigError(f"unknown throughput system {sysname!r}: allowed are {', '.join(SYSTEMS)}")
@@ -512,8 +510,6 @@ def run_experiment(cfg) -> Path:
     points = validate(cfg)
     if cfg.data_dir:
         os.environ["ALISA_DATA_DIR"] = str(cfg.data_dir)
-    if THROUGHPUT in cfg.tasks:
-        RUNNERS[THROUGHPUT].check(cfg, [])
     tasks = expand_tasks(cfg)
     for kind in sorted({task_kind(t) for t in tasks}):
         RUNNERS[kind].check(cfg, [t for t in tasks if task_kind(t) == kind])

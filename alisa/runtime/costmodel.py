@@ -177,7 +177,3 @@ def search(profile: Profile, config, dtype: str, policy: Policy, wl: Workload,
     if best.plan.p2 is None:
         best.note += "; Phase III would not lower the predicted time"
     return best
-
-
-def roofline_s(bytes_read: float, bw: float) -> float:
-    return bytes_read / bw if bw > 0 and math.isfinite(bw) else float("nan")

@@ -162,14 +162,14 @@ class Pool:
         cols = torch.arange(u, u + m, device=valid.device).expand(B, m)
         return torch.where(valid, cols, -1), remap
 
-    def read(self, cols: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Gather per-row columns (B, m; every entry a valid column) into new tensors."""
-        c = cols.to(self.device)
-        return self.decode({k: _take(v, c) for k, v in self.buf.items()}, dtype)
-
     def read_raw(self, cols: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gather per-row columns (B, m; every entry a valid column) into new tensors, as stored."""
         c = cols.to(self.device)
         return {k: _take(v, c) for k, v in self.buf.items()}
+
+    def read(self, cols: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """:meth:`read_raw`, de-quantized to ``dtype``."""
+        return self.decode(self.read_raw(cols), dtype)
 
     def view(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """All used columns, de-quantized (a temporary) when int8."""
@@ -349,7 +349,7 @@ class TieredStore:
         mask_d = torch.zeros(B, Ud + 1, dtype=torch.bool, device=query.device)
         mask_d.scatter_(1, torch.where(on_dev, self.loc, Ud), True)
         mask_d = mask_d[:, :Ud]
-        parts = [(torch.matmul(q, kd.transpose(-1, -2)), mask_d, vd, None, None)]
+        parts = [(torch.matmul(q, kd.transpose(-1, -2)), mask_d, vd, None)]  # (logits, valid, values, logical slots)
         for tier in (HOST, GONE):
             sel = keep & (self.tier == tier)
             if not bool(sel.any()):
@@ -374,12 +374,12 @@ class TieredStore:
                 k, v = recompute(x[:, 0], pos.gather(1, idx))
                 self.traffic.tokens_recomputed += int(valid.sum())
                 self.traffic.seconds["recompute"] += _now(query.device) - t1
-            parts.append((torch.matmul(q, k.transpose(-1, -2)), valid, v, idx, valid))
+            parts.append((torch.matmul(q, k.transpose(-1, -2)), valid, v, idx))
         logits = torch.cat([p[0] for p in parts], -1).float() * scale  # (B, Hkv, G, total)
         mask = torch.cat([p[1] for p in parts], -1)
         probs = torch.softmax(logits.masked_fill(~mask[:, None, None], float("-inf")), dim=-1)
         out, start = None, 0
-        for _, m, v, _, _ in parts:
+        for _, m, v, _ in parts:
             n = m.shape[1]
             o = torch.matmul(probs[..., start:start + n].to(v.dtype), v)
             out = o if out is None else out + o
@@ -389,8 +389,8 @@ class TieredStore:
             row = torch.zeros(B, self.used, dtype=summed.dtype, device=summed.device)
             row = torch.where(on_dev, summed[:, :Ud].gather(1, self.loc.clamp(0, max(Ud - 1, 0))), row)
             start = Ud
-            for _, m, _, idx, valid in parts[1:]:
-                n = m.shape[1]
+            for _, valid, _, idx in parts[1:]:
+                n = valid.shape[1]
                 row.scatter_(1, idx, torch.where(valid, summed[:, start:start + n], row.gather(1, idx)))
                 start += n
             policy.observe(self.state, pos, t, keep, row)
