@@ -162,6 +162,30 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return p.masked_fill(mask == 0, 1)
 
 
+def greedy_steps(model, tok: torch.Tensor, mask: torch.Tensor, cache, new_tokens: int, before=None,
+                 keep_logits: bool = False) -> tuple[list[torch.Tensor], list[float], list[torch.Tensor]]:
+    """The loop greedy ``generate`` runs after the prompt: one token per forward, each timed.
+
+    ``tok`` (B,) is the token the prompt produced; ``before(j)`` runs ahead of forward ``j``
+    (untimed). Returns the tokens (``tok`` first), the per-step seconds and, with
+    ``keep_logits``, each step's last-position logits."""
+    dev = mask.device
+    tokens, steps, logits = [tok], [], []
+    for j in range(1, new_tokens):
+        if before is not None:
+            before(j)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        t0 = time.perf_counter()
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=position_ids(mask)[:, -1:], cache=cache, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1)
+        _sync(dev)
+        steps.append(time.perf_counter() - t0)
+        tokens.append(tok)
+        if keep_logits:
+            logits.append(out.logits[:, -1].float())
+    return tokens, steps, logits
+
+
 def shares_dense_prefill(policy: Policy, prefill: str) -> bool:
     """Whether the prompt pass under ``policy`` is the unmodified model's (so one can serve many runs):
     a stateless policy with dense prefill, or dense itself (its sparse prefill is dense)."""
@@ -179,7 +203,8 @@ class Prefilled:
 
 @torch.inference_mode()
 def dense_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Prefilled:
-    """The unmodified model's prompt forward with its default cache (what stock ``generate`` runs first)."""
+    """The unmodified model's prompt forward with its default cache (what stock ``generate`` runs first).
+    ``Prefilled.kv`` holds that cache's own tensors: users copy them."""
     dev = next(model.parameters()).device
     ids = input_ids.to(dev)
     mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(dev)
@@ -256,32 +281,23 @@ class Engine:
                     cache = factory(self.policy, model.config.num_hidden_layers)
                     cache.adopt_prefill(prefilled.kv, mask)
                     last, prefill_s = prefilled.logits, prefilled.seconds
-                tok = last.argmax(-1)
-                logits = [last.float()] if keep_logits else None
-                tokens, steps, tiers, phases = [tok], [], [], []
+                tiers, phases = [], []
                 peak: dict[str, int] = {}
-                for j in range(1, max_new_tokens):
+
+                def before(j: int) -> None:  # what the tiers hold going into decode step j - 1
                     self._track(peak, cache.kv_bytes())
                     tiers.append(cache.counts())
                     phases.append(self.plan.phase(j - 1))
                     cache.step = j
-                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-                    t0 = time.perf_counter()
-                    out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=position_ids(mask)[:, -1:],
-                                cache=cache, use_cache=True)
-                    tok = out.logits[:, -1].argmax(-1)
-                    _sync(dev)
-                    steps.append(time.perf_counter() - t0)
-                    tokens.append(tok)
-                    if keep_logits:
-                        logits.append(out.logits[:, -1].float())
+
+                tokens, steps, logits = greedy_steps(model, last.argmax(-1), mask, cache, max_new_tokens, before, keep_logits)
                 self._track(peak, cache.kv_bytes())
                 return Generation(
                     tokens=torch.stack(tokens, 1), prefill_s=prefill_s, step_s=steps, kv=peak, tiers=tiers, phases=phases,
                     traffic=cache.traffic(), kept_fraction=ctl.kept_fraction()["overall"],
                     peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                     peak_cuda_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-                    extra={"logits": torch.stack(logits, 1)} if keep_logits else {})
+                    extra={"logits": torch.stack([last.float(), *logits], 1)} if keep_logits else {})
 
     def _track(self, peak: dict[str, int], now: dict[str, int]) -> None:
         """Keep the peak of each figure; enforce the tier budgets."""

@@ -14,14 +14,12 @@ Systems, measured side by side on the same prompts:
 
 from __future__ import annotations
 
-import time
-import traceback
 from dataclasses import asdict
 
 import torch
 
 from ..policies import make_policy
-from .engine import BudgetExceeded, Engine, Prefilled, _sync, position_ids, shares_dense_prefill
+from .engine import BudgetExceeded, Engine, Prefilled, dense_prefill, greedy_steps, shares_dense_prefill
 from .tiered import Plan
 
 SYSTEMS = ("stock", "hf_offloaded", "flexgen", "engine")
@@ -46,7 +44,8 @@ def workload_prompts(tokenizer, batch: int, prompt: int, seed: int = 0, vocab: i
 @torch.inference_mode()
 def stock_generate(model, ids: torch.Tensor, new_tokens: int, prefilled: Prefilled | None = None, offloaded: bool = False) -> dict:
     """Greedy decode with transformers' own ``DynamicCache`` (``offloading=True``: layers move to
-    the CPU between uses, transformers' offloaded cache); per-step times."""
+    the CPU between uses, transformers' offloaded cache) after the unmodified prompt pass
+    (``prefilled``, computed here when not given); per-step times."""
     from transformers import DynamicCache
 
     dev = next(model.parameters()).device
@@ -54,29 +53,13 @@ def stock_generate(model, ids: torch.Tensor, new_tokens: int, prefilled: Prefill
     mask = torch.ones_like(ids)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    if prefilled is not None:
-        cache = DynamicCache(offloading=offloaded)
-        for l, (k, v) in enumerate(prefilled.kv):
-            cache.update(k.clone(), v.clone(), l)
-        last, prefill_s = prefilled.logits, prefilled.seconds
-    else:
-        cache = DynamicCache(offloading=True) if offloaded else None
-        _sync(dev)
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), cache=cache, use_cache=True, logits_to_keep=1)
-        _sync(dev)
-        prefill_s = time.perf_counter() - t0
-        cache, last = out.cache if getattr(out, "cache", None) is not None else out.past_key_values, out.logits[:, -1]
-    tok = last.argmax(-1)
-    tokens, steps = [tok], []
-    for _ in range(1, new_tokens):
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        t0 = time.perf_counter()
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=position_ids(mask)[:, -1:], cache=cache, use_cache=True)
-        tok = out.logits[:, -1].argmax(-1)
-        _sync(dev)
-        steps.append(time.perf_counter() - t0)
-        tokens.append(tok)
+    shared = prefilled is not None
+    prefilled = prefilled or dense_prefill(model, ids, mask)
+    cache = DynamicCache(offloading=offloaded)
+    for l, (k, v) in enumerate(prefilled.kv):
+        cache.update(k.clone() if shared else k, v.clone() if shared else v, l)
+    prefill_s = prefilled.seconds
+    tokens, steps, _ = greedy_steps(model, prefilled.logits.argmax(-1), mask, cache, new_tokens)
     kv = sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers)
     B = ids.shape[0]
     decode_s = sum(steps)
