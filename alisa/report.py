@@ -3,6 +3,12 @@
     python -m alisa.report results/<experiment>/<run id>
 
 rewrites ``summary.csv`` and ``plots/*.png`` and prints the table.
+
+Every record is checked before use: one that is not valid JSON or lacks what the report
+reads is skipped and listed (one line naming the file, on stderr and in ``summary.txt``),
+never a crash. Records of the same run made with different workload settings (another
+``limit``, ``prompt``, ``new_tokens``...) are marked in the table, the CSV and the plot
+titles, with one warning line.
 """
 
 from __future__ import annotations
@@ -13,11 +19,165 @@ import json
 import sys
 from pathlib import Path
 
-from .results import read_json, write_atomic
+from .results import UnreadableFile, read_json_file, write_atomic
+
+USAGE = "python -m alisa.report RESULTS_DIR"
+
+
+class NoResults(ValueError):
+    """The folder holds no successful record. ``exit_code``: 1 if its points all failed, else 2."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _num(v, none: bool = True) -> bool:
+    """A real number (not a bool), or None where ``none``."""
+    return (v is None and none) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(what)
+
+
+def _check_record(r) -> None:
+    """ValueError naming the first field the report needs and ``r`` lacks (or has the wrong type)."""
+    _check(isinstance(r, dict), f"a JSON {type(r).__name__}, not a record object")
+    status = r.get("status", "ok")
+    _check(isinstance(status, str), f"status {status!r} is not a string")
+    for key in ("point_id", "task"):
+        _check(isinstance(r.get(key), str), f"{key} {r.get(key)!r} is not a string")
+    if status != "ok":
+        return
+    _check(isinstance(r.get("policy"), str), f"policy {r.get('policy')!r} is not a string")
+    _check(_num(r.get("budget")), f"budget {r.get('budget')!r} is not a number")
+    _check(_num(r.get("sparsity"), none=r["policy"] == "dense" or r.get("budget") is not None),
+           f"sparsity {r.get('sparsity')!r} is not a number")
+    _check(_num(r.get("wall_time_s")), f"wall_time_s {r.get('wall_time_s')!r} is not a number")
+    _check(isinstance(r.get("model"), dict) and isinstance(r["model"].get("name"), str), "model.name is missing")
+    _check(isinstance(r.get("hardware"), dict) and isinstance(r["hardware"].get("device"), str),
+           "hardware.device is missing")
+    if is_throughput(r):
+        t, w = r.get("throughput"), r.get("workload")
+        _check(isinstance(t, dict), "throughput is missing")
+        _check(isinstance(t.get("system"), str), f"throughput.system {t.get('system')!r} is not a string")
+        _check(isinstance(t.get("status", "?"), str), "throughput.status is not a string")
+        for k in (*THROUGHPUT_FIELDS, "decode_s", "seconds_transfer", "seconds_recompute", "predicted_vs_measured_decode",
+                  "kept_fraction"):
+            _check(_num(t.get(k)), f"throughput.{k} {t.get(k)!r} is not a number")
+        _check(t.get("tokens_recomputed") is None or isinstance(t["tokens_recomputed"], int),
+               "throughput.tokens_recomputed is not an integer")
+        kv = t.get("kv_bytes_peak")
+        _check(kv is None or (isinstance(kv, dict) and _num(kv.get("device")) and _num(kv.get("host"))),
+               "throughput.kv_bytes_peak is not {device, host} numbers")
+        _check(isinstance(w, dict) and all(isinstance(w.get(k), int) and not isinstance(w.get(k), bool)
+                                           for k in ("batch", "prompt", "new_tokens")),
+               "workload {batch, prompt, new_tokens} is missing")
+        return
+    m = r.get("metrics")
+    _check(isinstance(m, dict) and m, "metrics is missing or empty")
+    for name, v in m.items():
+        _check(isinstance(v, dict) and _num(v.get("value"), none=False) and _num(v.get("stderr")),
+               f"metric {name!r} is not {{value, stderr}} numbers")
+    _check(r.get("primary_metric") in m, f"primary_metric {r.get('primary_metric')!r} is not among the metrics")
+    k = r.get("kept_fraction")
+    _check(isinstance(k, dict) and _num(k.get("overall")), "kept_fraction.overall is missing")
+    for key in ("n_docs", "num_fewshot"):
+        _check(r.get(key) is None or (isinstance(r[key], int) and not isinstance(r[key], bool)),
+               f"{key} {r.get(key)!r} is not an integer")
+
+
+def record_problem(r) -> str | None:
+    """Why ``r`` (parsed JSON) is not a record the report can use, or None."""
+    try:
+        _check_record(r)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def scan_records(run_dir: Path) -> tuple[list[dict], list[str]]:
+    """(every readable record of ``run_dir/points``, one line per file skipped: ``skipped <file>: <why>``)."""
+    records, skipped = [], []
+    for f in sorted((Path(run_dir) / "points").glob("*.json")):
+        try:
+            r = read_json_file(f, "record")
+            _check_record(r)
+        except UnreadableFile as e:
+            skipped.append(f"skipped {e}")
+            continue
+        except ValueError as e:
+            skipped.append(f"skipped record {f}: {e}")
+            continue
+        records.append(r)
+    return records, skipped
 
 
 def _all_records(run_dir: Path) -> list[dict]:
-    return [read_json(f) for f in sorted((Path(run_dir) / "points").glob("*.json"))]
+    return scan_records(run_dir)[0]
+
+
+# Identity keys that differ between the records of one run by design (the grid and the task list).
+_BY_DESIGN = {"v", "kind", "policy", "sparsity", "budget", "task", "system", "batch"}
+_PER_TASK = {"limit"}  # may differ between tasks (task_limits), never within one task
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _show(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return json.dumps(v) if isinstance(v, (list, dict, str)) and not isinstance(v, str) else str(v)
+
+
+def _settings(r: dict) -> dict[str, str]:
+    ident = r.get("identity") if isinstance(r.get("identity"), dict) else {}
+    out = {k: _show(v) for k, v in _flat(ident).items() if k not in _BY_DESIGN}
+    out["experiment"] = _show(r.get("experiment"))
+    return out
+
+
+def mixed_settings(records: list[dict]) -> dict[str, list[str]]:
+    """Workload settings whose value differs between records that one table compares:
+    {setting: [values]} (per kind of record; ``limit`` within each task only)."""
+    seen: dict[tuple, set[str]] = {}
+    for r in records:
+        for k, v in _settings(r).items():
+            seen.setdefault((r.get("kind", "lm_eval"), k, r["task"] if k in _PER_TASK else None), set()).add(v)
+    mixed: dict[str, set[str]] = {}
+    for (_, k, _), values in seen.items():
+        if len(values) > 1:
+            mixed.setdefault(k, set()).update(values)
+    return {k: sorted(v, key=_value_order) for k, v in sorted(mixed.items())}
+
+
+def _value_order(v: str):
+    try:
+        return (0, float(v), v)
+    except ValueError:
+        return (1, 0.0, v)
+
+
+def marks(r: dict, mixed: dict | None) -> str:
+    """This record's values of the mixed settings, ``limit=3, prompt=128`` ('' when nothing is mixed)."""
+    if not mixed:
+        return ""
+    mine = _settings(r)
+    return ", ".join(f"{k}={mine[k]}" for k in mixed if k in mine)
+
+
+def mixed_line(mixed: dict) -> str:
+    return "; ".join(f"{k} ({', '.join(v)})" for k, v in mixed.items())
 
 
 def load_records(run_dir: Path) -> list[dict]:
@@ -58,7 +218,8 @@ def kv_device(t: dict) -> float | None:
     return kv.get("device")
 
 
-def summary_rows(records: list[dict]) -> list[dict]:
+def summary_rows(records: list[dict], mixed: dict | None = None) -> list[dict]:
+    """One CSV row per (record, metric); with mixed settings a ``settings`` column holds each record's values."""
     rows = []
     for r in records:
         if is_throughput(r):
@@ -79,11 +240,15 @@ def summary_rows(records: list[dict]) -> list[dict]:
                          "stderr": m["stderr"], "primary": name == r["primary_metric"], "n_docs": r.get("n_docs"),
                          "num_fewshot": r.get("num_fewshot"), "kept_fraction": r["kept_fraction"]["overall"],
                          "wall_time_s": r.get("wall_time_s"), "status": "ok"})
+    if mixed:
+        m = {(r["point_id"], r["task"]): marks(r, mixed) for r in records}
+        rows = [{**row, "settings": m[(row["point_id"], row["task"])]} for row in rows]
     return rows
 
 
-def table(records: list[dict]) -> str:
-    """Primary metric ± stderr per (setting, task), with the measured kept fraction."""
+def table(records: list[dict], mixed: dict | None = None) -> str:
+    """Primary metric ± stderr per (setting, task), with the measured kept fraction; with ``mixed``
+    settings each cell ends with its record's values of them, ``[limit=3]``."""
     tasks = sorted({r["task"] for r in records})
     settings = sorted({_setting(r) for r in records}, key=lambda s: (s != "dense", s))
     cell = {(_setting(r), r["task"]): r for r in records}
@@ -97,7 +262,9 @@ def table(records: list[dict]) -> str:
                 row.append("-")
                 continue
             m = r["metrics"][r["primary_metric"]]
-            row.append(f"{m['value']:.4f}" + (f" ± {m['stderr']:.4f}" if m["stderr"] is not None else ""))
+            mark = marks(r, mixed)
+            row.append(f"{m['value']:.4f}" + (f" ± {m['stderr']:.4f}" if m["stderr"] is not None else "")
+                       + (f" [{mark}]" if mark else ""))
             if r["kept_fraction"]["overall"] is not None:
                 kept.append(r["kept_fraction"]["overall"])
             wall += r.get("wall_time_s") or 0.0
@@ -106,10 +273,11 @@ def table(records: list[dict]) -> str:
     return _fmt(lines)
 
 
-def throughput_table(records: list[dict]) -> str:
-    """One line per (system, setting, batch): tokens/s, step time, peak KV, traffic, status."""
+def throughput_table(records: list[dict], mixed: dict | None = None) -> str:
+    """One line per (system, setting, batch): tokens/s, step time, peak KV, traffic, status (and, with
+    ``mixed`` settings, each record's values of them)."""
     head = ["system", "setting", "batch", "tok/s e2e", "decode tok/s", "prefill s", "ms/step", "KV dev MB", "KV host MB",
-            "moved MB", "recomp", "pred/meas", "status"]
+            "moved MB", "recomp", "pred/meas", "status"] + ["settings"] * bool(mixed)
     lines = [head]
     key = lambda r: (r["throughput"]["system"], _setting(r) != "dense", _setting(r), r["workload"]["batch"])
     for r in sorted(records, key=key):
@@ -123,7 +291,8 @@ def throughput_table(records: list[dict]) -> str:
                       f(None if t.get("step_s_mean") is None else t["step_s_mean"] * 1e3, ".1f"),
                       f(None if kv.get("device") is None else kv["device"] / 1e6, ".1f"),
                       f(None if kv.get("host") is None else kv["host"] / 1e6, ".1f"), f(moved, ".1f"),
-                      f(t.get("tokens_recomputed"), "d"), f(pred, ".2f"), t.get("status", "?")])
+                      f(t.get("tokens_recomputed"), "d"), f(pred, ".2f"), t.get("status", "?")]
+                     + [marks(r, mixed) or "-"] * bool(mixed))
     return _fmt(lines)
 
 
@@ -156,7 +325,11 @@ def _plt():
     return plt
 
 
-def plot_throughput(records: list[dict], path: Path) -> Path | None:
+def _noted(title: str, note: str) -> str:
+    return f"{title}\n{note}" if note else title
+
+
+def plot_throughput(records: list[dict], path: Path, note: str = "") -> Path | None:
     """Decode tokens/s vs batch: one line per system (the engine: one per setting)."""
     ok = [r for r in records if r["throughput"].get("status") == "ok"]
     if not ok:
@@ -179,14 +352,14 @@ def plot_throughput(records: list[dict], path: Path) -> Path | None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"{ok[0]['model']['name']}: prompt {w['prompt']}, {w['new_tokens']} new tokens "
-                 f"({ok[0]['hardware']['device']})" + (" — red: out of memory" if oom else ""), fontsize=9)
+    ax.set_title(_noted(f"{ok[0]['model']['name']}: prompt {w['prompt']}, {w['new_tokens']} new tokens "
+                        f"({ok[0]['hardware']['device']})" + (" — red: out of memory" if oom else ""), note), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def plot_breakdown(records: list[dict], path: Path) -> Path | None:
+def plot_breakdown(records: list[dict], path: Path, note: str = "") -> Path | None:
     """Decode time split into compute / transfer / recompute, at the largest batch each system ran."""
     ok = [r for r in records if r["throughput"].get("status") == "ok" and r["throughput"].get("decode_s")]
     if not ok:
@@ -210,7 +383,7 @@ def plot_breakdown(records: list[dict], path: Path) -> Path | None:
         ax.bar(names, vals, bottom=bottoms, label=part)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
     ax.set_ylabel("decode seconds (measured)")
-    ax.set_title("time breakdown at each system's largest batch", fontsize=9)
+    ax.set_title(_noted("time breakdown at each system's largest batch", note), fontsize=9)
     ax.tick_params(axis="x", rotation=45, labelsize=7)
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -280,7 +453,7 @@ def plot_pareto(points: list[dict], x: str, path: Path, xlabel: str, better_x_hi
     return _save(fig, path)
 
 
-def plot_accuracy(records: list[dict], path: Path) -> Path | None:
+def plot_accuracy(records: list[dict], path: Path, note: str = "") -> Path | None:
     """Primary metric vs KV sparsity: one panel per task, one line per policy (dense at 0, error bars = stderr)."""
     plt = _plt()
     tasks = sorted({r["task"] for r in records})
@@ -315,35 +488,55 @@ def plot_accuracy(records: list[dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     model = records[0]["model"]["name"]
-    fig.suptitle(f"{records[0]['experiment']}: {model}, measured on {records[0]['hardware']['device']}", fontsize=10)
+    fig.suptitle(_noted(f"{records[0].get('experiment')}: {model}, measured on {records[0]['hardware']['device']}", note),
+                 fontsize=10)
     return _save(fig, path)
 
 
 def rebuild(run_dir: Path, echo: bool = False) -> dict:
-    """Rewrite summary.csv and the plots of ``run_dir`` from its JSON records."""
+    """Rewrite summary.csv and the plots of ``run_dir`` from its JSON records.
+
+    Unreadable records are skipped and listed (stderr, ``summary.txt``, ``skipped`` in the
+    result); mixed workload settings are marked and warned about in one line. Raises
+    NoResults when no successful record is left.
+    """
     run_dir = Path(run_dir)
-    everything = _all_records(run_dir)
+    everything, skipped = scan_records(run_dir)
+    for line in skipped:
+        print(f"warning: {line}", file=sys.stderr)
     records = [r for r in everything if r.get("status", "ok") == "ok"]
     failed = [r for r in everything if r.get("status", "ok") != "ok"]
     if not records:
-        raise ValueError(f"{str(run_dir)!r} holds no results (no successful points/*.json"
-                         + (f"; {len(failed)} failed)" if failed else ")"))
-    rows = summary_rows(records)
+        why = [f"{len(failed)} failed"] * bool(failed) + [f"{len(skipped)} unreadable, skipped"] * bool(skipped)
+        raise NoResults(f"results folder {str(run_dir)!r} holds no successful results (no readable points/*.json"
+                        + (f"; {', '.join(why)})" if why else ")"), exit_code=1 if failed else 2)
+    acc, tput = split(records)
+    mixed_acc, mixed_tput = mixed_settings(acc), mixed_settings(tput)
+    mixed = mixed_settings(records)  # (compared within each kind: the union of the two)
+    note = acc_note = tput_note = ""
+    if mixed:
+        note = f"mixed settings: {mixed_line(mixed)}"
+        acc_note = f"mixed settings: {mixed_line(mixed_acc)}" if mixed_acc else ""
+        tput_note = f"mixed settings: {mixed_line(mixed_tput)}" if mixed_tput else ""
+        print(f"warning: {run_dir} holds records made with different settings: {mixed_line(mixed)}; "
+              "the summary marks each record's values", file=sys.stderr)
+    rows = summary_rows(records, mixed)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
     write_atomic(run_dir / "summary.csv", buf.getvalue())
-    acc, tput = split(records)
     plots_dir = run_dir / "plots"
     parts, plots, pareto = [], [], []
+    if mixed:
+        parts.append(f"NOTE: {note} (marked [setting=value] below)")
     if acc:
-        parts.append(table(acc))
-        plots.append(plot_accuracy(acc, plots_dir / "accuracy_vs_sparsity.png"))
+        parts.append(table(acc, mixed_acc))
+        plots.append(plot_accuracy(acc, plots_dir / "accuracy_vs_sparsity.png", acc_note))
     if tput:
-        parts.append(throughput_table(tput))
-        plots.append(plot_throughput(tput, plots_dir / "throughput_vs_batch.png"))
-        plots.append(plot_breakdown(tput, plots_dir / "time_breakdown.png"))
+        parts.append(throughput_table(tput, mixed_tput))
+        plots.append(plot_throughput(tput, plots_dir / "throughput_vs_batch.png", tput_note))
+        plots.append(plot_breakdown(tput, plots_dir / "time_breakdown.png", tput_note))
     if acc and tput:
         pareto = pareto_points(records)
         if pareto:
@@ -352,29 +545,50 @@ def rebuild(run_dir: Path, echo: bool = False) -> dict:
             w = next(r["workload"] for r in tput)
             where = f"{where}, batch {pareto[0]['batch']}, prompt {w['prompt']}, {w['new_tokens']} new"
             plots.append(plot_pareto(pareto, "decode_tok_s", plots_dir / "pareto_accuracy_vs_throughput.png",
-                                     "decode tokens/s (engine, measured)", True, f"accuracy vs throughput: {where}"))
+                                     "decode tokens/s (engine, measured)", True,
+                                     _noted(f"accuracy vs throughput: {where}", note)))
             plots.append(plot_pareto(pareto, "kv_bytes", plots_dir / "pareto_accuracy_vs_kv.png",
-                                     "peak KV held on the device tier (MB)", False, f"accuracy vs KV memory: {where}", scale=1e6))
+                                     "peak KV held on the device tier (MB)", False,
+                                     _noted(f"accuracy vs KV memory: {where}", note), scale=1e6))
             write_atomic(run_dir / "pareto.json", json.dumps(pareto, indent=2) + "\n")
-    text = "\n\n".join(parts + ["\n".join(failure_lines(failed))] * bool(failed))
+    text = "\n\n".join(parts + ["\n".join(failure_lines(failed))] * bool(failed)
+                       + ["\n".join(f"SKIPPED {line.removeprefix('skipped ')}" for line in skipped)] * bool(skipped))
     write_atomic(run_dir / "summary.txt", text + "\n")
     if echo:
         print(text)
         print(f"results: {run_dir}")
-    return {"records": records, "failures": failed, "rows": rows, "table": text, "pareto": pareto,
-            "plots": [p for p in plots if p]}
+    return {"records": records, "failures": failed, "skipped": skipped, "mixed": mixed, "rows": rows, "table": text,
+            "pareto": pareto, "plots": [p for p in plots if p]}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m alisa.report RESULTS_DIR``: 0 done, 2 bad input, 1 a run whose points all failed."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m alisa.report RESULTS_DIR", file=sys.stderr)
+    if argv in (["-h"], ["--help"]):
+        print(f"usage: {USAGE}\n\n{__doc__.split(chr(10) + chr(10), 1)[1].strip()}")
+        return 0
+    if len(argv) != 1 or argv[0].startswith("-"):
+        got = "no arguments" if not argv else f"{' '.join(argv)!r}"
+        print(f"error: expected one results folder, got {got}: allowed {USAGE}", file=sys.stderr)
+        return 2
+    run_dir = Path(argv[0])
+    if not (run_dir / "points").is_dir():
+        what = "does not exist" if not run_dir.exists() else "has no points/ folder"
+        print(f"error: results folder {str(run_dir)!r} {what}: allowed a run folder results/<experiment>/<run id> "
+              "holding points/*.json", file=sys.stderr)
         return 2
     try:
-        rebuild(Path(argv[0]), echo=True)
-    except (ValueError, OSError) as e:
+        rebuild(run_dir, echo=True)
+    except NoResults as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"error: results folder {str(run_dir)!r} cannot be written ({e.strerror or e}: {e.filename}): "
+              "allowed a writable folder", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - never a traceback to users; the records were checked already
+        print(f"error: the report of {str(run_dir)!r} failed ({e.__class__.__name__}: {e})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -44,6 +44,25 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+class UnreadableFile(ValueError):
+    """A file that cannot be read as JSON; the message names it (one line)."""
+
+
+def read_json_file(path: Path, what: str = "file"):
+    """``read_json`` whose every failure is one UnreadableFile line naming ``what`` and the path."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UnreadableFile(f"{what} {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise UnreadableFile(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UnreadableFile(f"{what} {path} is not valid JSON ({e})") from None
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
