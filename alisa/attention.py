@@ -8,14 +8,18 @@ prompt, against what the cache still holds).
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
 
+from . import _fast
 from .kvstore import SlotStore
-from .policies import Policy, causal
+from .policies import Policy, PolicyState, causal
 
 
-OBSERVE_BLOCK = 128  # query rows whose probabilities a dense stateful chunk materialises at once
+OBSERVE_BLOCK = 128  # query rows whose logits and probabilities a stateful chunk materialises at once
 
 
 class KeptStats:
@@ -41,6 +45,119 @@ class KeptStats:
         return sum(per.values()) / len(per) if per else None
 
 
+ROUTE = os.environ.get("ALISA_ROUTE", "auto")  # "auto": compiled where it applies; "reference": PyTorch only
+_warned: set[str] = set()
+
+
+def route(policy: Policy, pos: torch.Tensor, logits: torch.Tensor | None = None) -> str:
+    """Which implementation runs a stateful step: ``"compiled"`` (numba, CPU tensors, a policy
+    with a kernel) or ``"reference"`` (PyTorch, one query at a time; any device, any policy)."""
+    if ROUTE == "reference" or policy.kernel is None or pos.device.type != "cpu":
+        return "reference"
+    if logits is not None and logits.requires_grad:
+        return "reference"  # the compiled route is not differentiable
+    if policy.budget is None and policy._q > 2 ** 31:  # p·n must fit in int64 inside the kernel
+        return "reference"
+    if not _fast.available():
+        if "numba" not in _warned:
+            _warned.add("numba")
+            warnings.warn("alisa: numba is not installed; stateful policies run on the slower PyTorch reference route", stacklevel=3)
+        return "reference"
+    return "compiled"
+
+
+def attend_with_feedback(
+    policy: Policy,
+    state: PolicyState | None,
+    pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    logits: torch.Tensor | None,
+    *,
+    keep: torch.Tensor | None = None,
+    dense: bool = False,
+    sliding_window: int | None = None,
+    n_max: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The one select → softmax → observe step, for a block of queries in order.
+
+    logits (B, H_kv, G, Q, C) float32, already scaled, of the queries at ``q_pos`` (B, Q;
+    -1 = padding) against the slots at ``pos`` (B, C): every key the step may attend,
+    whatever its tier (the runtime passes device-resident, fetched and recomputed keys in
+    slot order). Each query selects its keys (``dense``: all causal keys), attends them with
+    one softmax, and its attention row summed over all query heads goes back to the policy
+    (:meth:`~alisa.policies.Policy.observe`) before the next query selects.
+
+    ``logits=None``: select only (one query per row), e.g. to fetch the selected keys first;
+    then call again with ``keep=`` that selection. ``n_max``: a bound on ``q_pos + 1``
+    known on the host (sizes the policy's state without reading the device).
+
+    Returns probs (B, H_kv, G, Q, C) float32 (zero outside the selection; a padding query
+    attends every slot, its output unused) or None, and the selection keep (B, Q, C).
+    """
+    B, Q = q_pos.shape
+    if logits is None and Q != 1:
+        raise ValueError(f"select-only needs one query per row (got {Q}): later selections depend on earlier rows")
+    observing = policy.stateful and policy.needs_rows
+    if observing:
+        policy.prepare(state, int(q_pos.max()) + 1 if n_max is None else n_max)
+    if observing and route(policy, pos, logits) == "compiled":
+        return _compiled(policy, state, pos, q_pos, logits, keep, dense, sliding_window)
+
+    def allowed(sel: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return sel if sliding_window is None else sel & (t - pos < sliding_window)  # the model's own window
+
+    probs = None if logits is None else torch.zeros_like(logits)
+    keeps = []
+    for i in range(Q):
+        t = q_pos[:, i]
+        if keep is not None:
+            k_i = keep[:, i]
+        elif dense or (policy.stateful and not observing):  # sparsity 0: every row is dense
+            k_i = allowed(causal(pos, t[:, None]), t[:, None])
+        else:
+            k_i = allowed(policy.select(pos, t, state) if policy.stateful else policy.select(pos, t[:, None], None), t[:, None])
+        keeps.append(k_i)
+        if logits is None:
+            continue
+        attend = k_i | (t < 0)[:, None]
+        p = torch.softmax(logits[:, :, :, i].masked_fill(~attend[:, None, None], float("-inf")), dim=-1)
+        probs[:, :, :, i] = p
+        if observing:
+            row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, C)
+            policy.observe(state, pos, t, k_i, row)
+    return probs, torch.stack(keeps, 1)
+
+
+def _compiled(policy, state, pos, q_pos, logits, keep, dense, sliding_window):
+    """:func:`attend_with_feedback` on the numba route (same arguments, same results)."""
+    B, Q = q_pos.shape
+    C = pos.shape[1]
+    score, elig, ring, ring_q = policy.kernel_state(state)
+    if ring is None:
+        ring, ring_q = _NO_RING
+    mode = 1 if logits is None else (2 if keep is not None else 0)
+    if logits is None:
+        lg = probs = _NO_PROBS
+    else:
+        Bl, Hkv, G, _, _ = logits.shape
+        lg = logits.detach().reshape(B, Hkv * G, Q, C)
+        probs = torch.zeros(B, Hkv * G, Q, C, dtype=torch.float32)
+    keep_out = torch.empty(B, Q, C, dtype=torch.bool)
+    given = keep.contiguous() if keep is not None else keep_out
+    _fast.run(policy.kernel, _np(lg), _np(pos), _np(q_pos), policy._p, policy._q,
+              -1 if policy.budget is None else policy.budget, -1 if sliding_window is None else sliding_window,
+              bool(dense), mode, _np(given), _np(score), _np(elig), _np(ring), _np(ring_q), _np(probs), _np(keep_out))
+    return (None if logits is None else probs.view(B, Hkv, G, Q, C)), keep_out
+
+
+def _np(t: torch.Tensor):
+    return t.detach().numpy()
+
+
+_NO_RING = (torch.zeros(1, 1, 1, dtype=torch.float32), torch.zeros(1, 1, dtype=torch.long))
+_NO_PROBS = torch.zeros(1, 1, 1, 1, dtype=torch.float32)
+
+
 def policy_attention(
     policy: Policy,
     store: SlotStore,
@@ -62,12 +179,11 @@ def policy_attention(
     B, Hq, Q, D = query.shape
     Hkv = key.shape[1]
 
-    def allowed(sel: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return sel if sliding_window is None else sel & (t - p < sliding_window)  # the model's own window
-
-    if not policy.stateful:
+    if not (policy.stateful and policy.needs_rows):  # every query's keys are known up front: one SDPA
         pos_b, t = pos[:, None, :], q_pos[:, :, None]  # (B, 1, C), (B, Q, 1)
-        keep = allowed(causal(pos_b, t) if dense else policy.select(pos_b, t, None), pos_b, t)  # (B, Q, C)
+        keep = causal(pos_b, t) if dense or policy.stateful else policy.select(pos_b, t, None)
+        if sliding_window is not None:
+            keep = keep & (t - pos_b < sliding_window)  # the model's own window
         if stats is not None:
             stats.add(layer, keep, q_pos)
         # A padding query attends everything: its output is never used, but must stay finite.
@@ -76,38 +192,18 @@ def policy_attention(
         return out.transpose(1, 2)
 
     # Stateful: each query's selection depends on the rows of the queries before it.
-    if dense:  # every row attends all its causal keys: SDPA for the output, rows only to observe
-        keep = allowed(causal(pos[:, None, :], q_pos[:, :, None]), pos[:, None, :], q_pos[:, :, None])
-        if stats is not None:
-            stats.add(layer, keep, q_pos)
-        mask = keep | (q_pos < 0)[:, :, None]
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling, enable_gqa=Hq != Hkv)
-        for i0 in range(0, Q if policy.needs_rows else 0, OBSERVE_BLOCK):  # bounded memory: (B, H, block, C) at a time
-            i1 = min(Q, i0 + OBSERVE_BLOCK)
-            p = torch.softmax(grouped_logits(query[:, :, i0:i1], key, scaling).masked_fill(~mask[:, None, None, i0:i1], float("-inf")), dim=-1)
-            rows = p.sum((1, 2)) * (q_pos[:, i0:i1] >= 0)[..., None]  # (B, block, C)
-            for i in range(i0, i1):
-                policy.observe(store.state, pos, q_pos[:, i], keep[:, i], rows[:, i - i0])
-        return out.transpose(1, 2)
     G = Hq // Hkv
     outs, keeps = [], []
     for i0 in range(0, Q, OBSERVE_BLOCK):  # logits of a block of queries at a time: bounded memory
         i1 = min(Q, i0 + OBSERVE_BLOCK)
         logits = grouped_logits(query[:, :, i0:i1], key, scaling)  # (B, Hkv, G, block, C)
-        probs = torch.empty_like(logits)
-        for i in range(i0, i1):
-            t = q_pos[:, i]
-            keep = allowed(policy.select(pos, t, store.state), pos, t[:, None])
-            attend = keep | (t < 0)[:, None]
-            p = torch.softmax(logits[:, :, :, i - i0].masked_fill(~attend[:, None, None], float("-inf")), dim=-1)
-            probs[:, :, :, i - i0] = p
-            row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, C)
-            policy.observe(store.state, pos, t, keep, row)
-            keeps.append(keep)
+        probs, keep = attend_with_feedback(policy, store.state, pos, q_pos[:, i0:i1], logits, dense=dense,
+                                           sliding_window=sliding_window, n_max=store.seen)
         out = torch.matmul(probs.to(value.dtype).view(B, Hkv, G * (i1 - i0), -1), value)  # (B, Hkv, G*block, Dv)
         outs.append(out.view(B, Hkv, G, i1 - i0, -1))
+        keeps.append(keep)
     if stats is not None:
-        stats.add(layer, torch.stack(keeps, 1), q_pos)
+        stats.add(layer, torch.cat(keeps, 1), q_pos)
     return torch.cat(outs, 3).reshape(B, Hq, Q, -1).transpose(1, 2)
 
 

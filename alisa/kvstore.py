@@ -53,8 +53,7 @@ class SlotStore:
         self.values[:, :, u:u + Q] = value
         self.pos[:, u:u + Q] = pos
         if self.state is not None:
-            for name, x in self.state.slot.items():
-                self.state.slot[name] = torch.cat([x, x.new_zeros(*x.shape[:-1], Q)], dim=-1)
+            self.state.append(Q)
         self.used += Q
         self.seen += Q
 
@@ -89,8 +88,7 @@ class SlotStore:
         self.pos[:, :keep] = pos
         self.pos[:, keep:] = -1
         if self.state is not None:
-            for name, x in self.state.slot.items():
-                self.state.slot[name] = x.gather(-1, idx.view(B, *([1] * (x.dim() - 2)), keep).expand(*x.shape[:-1], keep))
+            self.state.gather(idx)
         self.used = keep
 
     def batch_select(self, index: torch.Tensor) -> None:
@@ -99,8 +97,7 @@ class SlotStore:
             return
         self.keys, self.values, self.pos = self.keys[index], self.values[index], self.pos[index]
         if self.state is not None:
-            self.state.slot = {k: v[index] for k, v in self.state.slot.items()}
-            self.state.other = {k: v[index] for k, v in self.state.other.items()}
+            self.state.reorder(index)
 
     # --- measurement -----------------------------------------------------------------
     def tokens_held(self) -> torch.Tensor:
@@ -115,6 +112,5 @@ class SlotStore:
         kv = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
         state = self.pos.numel() * self.pos.element_size()
         if self.state is not None:
-            for x in [*self.state.slot.values(), *self.state.other.values()]:
-                state += x.numel() * x.element_size()
+            state += self.state.nbytes()
         return {"kv": kv, "state": state}

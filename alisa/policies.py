@@ -18,6 +18,7 @@ NeurIPS 2023); StreamingLLM (Xiao et al., ICLR 2024).
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 from fractions import Fraction
 from typing import ClassVar
@@ -35,13 +36,45 @@ def register(cls: type["Policy"]) -> type["Policy"]:
 class PolicyState:
     """Per-layer state of a stateful policy.
 
-    ``slot`` tensors carry the slot axis last and follow the slots when the store
-    appends, compacts or reorders the batch; ``other`` tensors have batch first only.
+    ``slot`` tensors carry the slot axis last and follow the slots: every store appends,
+    compacts and reorders them through :meth:`append`, :meth:`gather` and :meth:`reorder`
+    (one implementation for the core cache and the runtime). ``other`` tensors have batch
+    first only. Appends are amortised: a slot tensor is a view of a buffer with spare
+    columns, so a step writes one zero column in place instead of copying the state.
     """
+
+    GROWTH = 1.5
 
     def __init__(self, slot: dict[str, torch.Tensor] | None = None, other: dict[str, torch.Tensor] | None = None):
         self.slot = slot or {}
         self.other = other or {}
+        self._spare: dict[str, torch.Tensor] = {}  # the buffers behind ``slot``
+
+    def append(self, m: int) -> None:
+        """Add ``m`` slots (zero state) at the end."""
+        for name, cur in self.slot.items():
+            buf, u = self._spare.get(name), cur.shape[-1]
+            if (buf is None or buf.data_ptr() != cur.data_ptr() or buf.shape[:-1] != cur.shape[:-1]
+                    or buf.shape[-1] < u + m or buf.dtype != cur.dtype):  # new, or replaced (compaction, the policy)
+                buf = cur.new_empty(*cur.shape[:-1], int((u + m) * self.GROWTH) + 16)
+                buf[..., :u] = cur
+                self._spare[name] = buf
+            buf[..., u:u + m] = 0
+            self.slot[name] = buf[..., :u + m]
+
+    def gather(self, idx: torch.Tensor) -> None:
+        """Keep the slots ``idx`` (B, m), in that order (compaction)."""
+        B, m = idx.shape
+        for name, s in self.slot.items():
+            self.slot[name] = s.gather(-1, idx.view(B, *([1] * (s.dim() - 2)), m).expand(*s.shape[:-1], m))
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Reorder or repeat the batch (beam search, ``num_return_sequences``)."""
+        self.slot = {k: v[index] for k, v in self.slot.items()}
+        self.other = {k: v[index] for k, v in self.other.items()}
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in [*self.slot.values(), *self.other.values()])
 
 
 class Policy(abc.ABC):
@@ -57,6 +90,8 @@ class Policy(abc.ABC):
 
     name: ClassVar[str] = ""
     stateful: ClassVar[bool] = False
+    kernel: ClassVar[int | None] = None  # the compiled route's kind (alisa._fast), None: reference route only
+    attends_all_at_prefill: ClassVar[bool] = False  # the prompt attends fully whatever ``prefill`` says
 
     def __init__(self, sparsity: float | None = None, budget: int | None = None):
         if (sparsity is None) == (budget is None) and self.name != "dense":
@@ -78,9 +113,16 @@ class Policy(abc.ABC):
         return f"{type(self).__name__}({arg})"
 
     @property
+    def params(self) -> dict:
+        """Hyperparameters beyond the budget (constructor keywords), e.g. ``{"n_sinks": 4}``."""
+        return {}
+
+    @property
     def key(self) -> dict:
-        """Plain description, for results files."""
-        return {"policy": self.name, "sparsity": self.sparsity, "budget": self.budget}
+        """Plain description, for results files (hyperparameters only where not the default)."""
+        sig = inspect.signature(type(self).__init__).parameters
+        extra = {k: v for k, v in self.params.items() if sig[k].default != v}
+        return {"policy": self.name, "sparsity": self.sparsity, "budget": self.budget, **extra}
 
     # --- counts (round is round-half-up), on ints or int64 tensors ----------------
     def full_count(self, n):
@@ -100,9 +142,31 @@ class Policy(abc.ABC):
             return max(1, (self._p * n + self._q) // (2 * self._q))
         return torch.clamp((self._p * n + self._q) // (2 * self._q), min=1)
 
+    # --- what the policy is (asked by the runtime, its cost model and the runners) --------
+    def expected_held(self, n: int) -> float:
+        """Tokens per sequence and layer the decode cache holds at length ``n`` (cost model)."""
+        return float(min(n, self.full_count(n)))
+
+    def expected_selected(self, n: int) -> float:
+        """Keys the query at length ``n`` attends."""
+        return float(min(n, self.full_count(n)))
+
+    def recent_count(self, n):
+        """Size of the recent (local) window at length ``n``: the runtime keeps it on the device."""
+        return self.half_count(n)
+
+    def shares_dense_prefill(self, prefill: str) -> bool:
+        """Whether the prompt can come from one dense pass shared with other policies: the
+        prompt attends fully and no state is seeded from its rows."""
+        return not self.stateful and (prefill == "dense" or self.attends_all_at_prefill)
+
     # --- interface ------------------------------------------------------------------
     def new_state(self, batch: int, device: torch.device) -> PolicyState | None:
         return None
+
+    def prepare(self, state: PolicyState | None, n_max: int) -> None:
+        """Size fixed state for queries at positions < ``n_max`` (a bound known on the host,
+        so the step itself needs no device-to-host read)."""
 
     @abc.abstractmethod
     def select(self, pos: torch.Tensor, t: torch.Tensor, state: PolicyState | None) -> torch.Tensor:
@@ -135,6 +199,7 @@ class Dense(Policy):
     """Every key 0..t."""
 
     name = "dense"
+    attends_all_at_prefill = True
 
     def __init__(self, sparsity: float | None = None, budget: int | None = None):
         if budget is not None or (sparsity not in (None, 0, 0.0)):
@@ -143,6 +208,9 @@ class Dense(Policy):
 
     def select(self, pos, t, state):
         return causal(pos, t)
+
+    def expected_held(self, n):
+        return float(n)
 
 
 @register
@@ -176,13 +244,31 @@ class Strided(Policy):
         s = torch.clamp((n + k - 1) // k - 1, min=1)  # ceil((n-k)/k) = ceil(n/k) - 1
         return causal(pos, t) & ((pos > t - k) | ((t - pos) % s == 0))
 
+    def expected_held(self, n):
+        return float(n)  # its set moves with t: nothing can be evicted
+
 
 @register
 class Sinks(Policy):
-    """StreamingLLM: the first 4 keys plus the K − 4 most recent (K as for local, at least 5)."""
+    """StreamingLLM: the first ``n_sinks`` (4) keys plus the K − n_sinks most recent (K as for
+    local, at least n_sinks + 1)."""
 
     name = "sinks"
-    n_sinks: ClassVar[int] = 4
+
+    def __init__(self, sparsity=None, budget=None, n_sinks: int = 4):
+        super().__init__(sparsity=sparsity, budget=budget)
+        if isinstance(n_sinks, bool) or not isinstance(n_sinks, int) or n_sinks < 0:
+            raise ValueError(f"n_sinks={n_sinks!r} is invalid: allowed is an integer >= 0")
+        self.n_sinks = n_sinks
+
+    @property
+    def params(self):
+        return {"n_sinks": self.n_sinks}
+
+    def expected_held(self, n):
+        return float(min(n, max(self.full_count(n), self.n_sinks + 1)))
+
+    expected_selected = expected_held
 
     def _recent(self, t):
         return torch.clamp(self.full_count(t + 1), min=self.n_sinks + 1) - self.n_sinks
@@ -211,6 +297,8 @@ def topk_mask(score: torch.Tensor, cand: torch.Tensor, k: torch.Tensor) -> torch
 class TwoPart(Policy):
     """Shared by h2o and swa: L = the k most recent keys, plus k more chosen by a score.
 
+    A subclass says only what differs: its :meth:`score`, which keys are :meth:`eligible`,
+    how :meth:`observe` feeds a row into its state, and which keys it still needs.
     When 2k >= n the row is dense (SPEC §2). That can happen again after a sparse row
     only while n <= ``dense_horizon``; until then the decode cache keeps every key.
     """
@@ -233,13 +321,24 @@ class TwoPart(Policy):
     def needs_rows(self) -> bool:
         return self.dense_horizon != math.inf  # sparsity 0: every row is dense, the score is never read
 
+    def expected_held(self, n):
+        return float(n) if n <= self.dense_horizon else super().expected_held(n)
+
+    @abc.abstractmethod
+    def score(self, state: PolicyState) -> torch.Tensor:
+        """(B, C) score of each slot; the top-k eligible non-recent slots are selected."""
+
+    @abc.abstractmethod
+    def eligible(self, state: PolicyState) -> torch.Tensor:
+        """(B, C) bool: slots the score may pick."""
+
     def _rows(self, pos, t):
         """Causal keys, the recent set L, k, and whether the row is dense. t: (B,).
 
-        With one sequence, k and the dense test are Python numbers: far fewer tensor ops
-        per query, which is what the accuracy path spends its time on.
+        With one sequence on the CPU, k and the dense test are Python numbers: far fewer
+        tensor ops per query (on a GPU that would read t back every step).
         """
-        if t.numel() == 1:
+        if t.numel() == 1 and t.device.type == "cpu":
             ti = int(t)
             k = self.half_count(ti + 1)
             c = (pos >= 0) & (pos <= ti)
@@ -249,6 +348,13 @@ class TwoPart(Policy):
         k = self.half_count(n)
         c = causal(pos, tt)
         return c, c & (pos > tt - k), k[:, 0], (2 * k >= n)
+
+    def select(self, pos, t, state):
+        c, recent, k, dense = self._rows(pos, t)
+        if dense is True:
+            return c
+        top = topk_mask(self.score(state), c & ~recent & self.eligible(state), k)
+        return recent | top if dense is False else torch.where(dense, c, recent | top)
 
     def retain(self, pos, t_next, state):
         keep = (pos >= 0) & self._still_needed(pos, t_next, state)
@@ -261,6 +367,7 @@ class H2O(TwoPart):
     queries, among keys never evicted; a key attended by neither is evicted for good."""
 
     name = "h2o"
+    kernel = 0  # alisa._fast.H2O
 
     def new_state(self, batch, device):
         return PolicyState(slot={
@@ -268,12 +375,15 @@ class H2O(TwoPart):
             "evicted": torch.zeros(batch, 0, dtype=torch.bool, device=device),
         })
 
-    def select(self, pos, t, state):
-        c, recent, k, dense = self._rows(pos, t)
-        if dense is True:
-            return c
-        heavy = topk_mask(state.slot["acc"], c & ~recent & ~state.slot["evicted"], k)
-        return recent | heavy if dense is False else torch.where(dense, c, recent | heavy)
+    def score(self, state):
+        return state.slot["acc"]
+
+    def eligible(self, state):
+        return ~state.slot["evicted"]
+
+    def kernel_state(self, state):
+        """(score, eligibility source, ring, ring index) for the compiled route."""
+        return state.slot["acc"], state.slot["evicted"], None, None
 
     def observe(self, state, pos, t, keep, row):
         if not self.needs_rows:
@@ -296,6 +406,12 @@ class SWA(TwoPart):
     """
 
     name = "swa"
+    kernel = 1  # alisa._fast.SWA
+
+    def expected_held(self, n):
+        # the local window plus the support of the score window's rows: about 1.4x the
+        # budget on real text (measured: 287 of 1024 at r = 0.2, NOTES.md)
+        return float(n) if n <= self.dense_horizon else float(min(n, 1.4 * self.full_count(n)))
 
     def new_state(self, batch, device):
         return PolicyState(
@@ -307,12 +423,18 @@ class SWA(TwoPart):
             other={"ring_q": torch.full((batch, 1), -1, dtype=torch.long, device=device)},
         )
 
-    def select(self, pos, t, state):
-        c, recent, k, dense = self._rows(pos, t)
-        if dense is True:
-            return c
-        glob = topk_mask(state.slot["S"], c & ~recent & (state.slot["nz"] > 0), k)
-        return recent | glob if dense is False else torch.where(dense, c, recent | glob)
+    def score(self, state):
+        return state.slot["S"]
+
+    def eligible(self, state):
+        return state.slot["nz"] > 0
+
+    def kernel_state(self, state):
+        return state.slot["S"], state.slot["nz"], state.slot["ring"], state.other["ring_q"]
+
+    def prepare(self, state, n_max):
+        if self.needs_rows and state is not None:
+            self._grow_ring(state, self.half_count(max(n_max, 1)) + 1)
 
     def _grow_ring(self, state, need: int):
         ring, ring_q = state.slot["ring"], state.other["ring_q"]
@@ -331,13 +453,14 @@ class SWA(TwoPart):
         if not self.needs_rows:
             return
         row = row.to(state.slot["ring"].dtype)  # S adds exactly what the ring will later subtract
-        if t.numel() == 1:
+        if t.numel() == 1 and t.device.type == "cpu":
             return self._observe_one(state, int(t), row)
         real = t >= 0
         # The window of query t is [t - k_t, t - 1]; the next query's is [t + 1 - k_{t+1}, t].
         left_now = t - self.half_count(t + 1)
         left_next = t + 1 - self.half_count(t + 2)
-        self._grow_ring(state, int(self.half_count(t.max() + 1)) + 1)
+        if t.device.type == "cpu":  # on a GPU the caller sized the ring (prepare): no read-back
+            self._grow_ring(state, int(self.half_count(t.max() + 1)) + 1)
         ring, ring_q, S, nz = state.slot["ring"], state.other["ring_q"], state.slot["S"], state.slot["nz"]
         B, R, C = ring.shape
         ar = torch.arange(B, device=ring.device)
@@ -381,8 +504,15 @@ class SWA(TwoPart):
         return (pos > tt - self.half_count(tt + 1)) | (state.slot["nz"] > 0)
 
 
-def make_policy(name: str, sparsity: float | None = None, budget: int | None = None) -> Policy:
-    """Build a policy by registered name, e.g. ``make_policy("swa", sparsity=0.8)``."""
+def make_policy(name: str, sparsity: float | None = None, budget: int | None = None, **params) -> Policy:
+    """Build a policy by registered name, e.g. ``make_policy("swa", sparsity=0.8)``;
+    ``params`` are its hyperparameters (``make_policy("sinks", sparsity=0.8, n_sinks=2)``)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown policy {name!r}: allowed are {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](sparsity=sparsity, budget=budget)
+    cls = REGISTRY[name]
+    try:
+        return cls(sparsity=sparsity, budget=budget, **params)
+    except TypeError:
+        allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "sparsity", "budget")]
+        raise ValueError(f"policy {name!r} has no hyperparameter {', '.join(map(repr, params))}: "
+                         f"allowed are {', '.join(allowed) or 'none'}") from None

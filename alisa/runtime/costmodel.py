@@ -60,20 +60,12 @@ class Workload:
 
 
 def held_tokens(policy: Policy, n: int) -> float:
-    """Tokens a sequence's cache holds at length n (per layer), as the policies evict.
-
-    dense and strided keep everything; local/sinks/h2o hold their budget; swa holds the
-    local window plus the support of its score window, about 1.4x its budget on real text
-    (measured: 287 of 1024 at r = 0.2, NOTES.md).
-    """
-    if policy.name in ("dense", "strided") or n <= getattr(policy, "dense_horizon", 0):
-        return float(n)
-    full = policy.full_count(n)
-    return float(min(n, 1.4 * full if policy.name == "swa" else full))
+    """Tokens a sequence's cache holds at length n (per layer), as the policy evicts: the policy says."""
+    return policy.expected_held(n)
 
 
 def selected_tokens(policy: Policy, n: int) -> float:
-    return float(n if policy.name == "dense" else min(n, policy.full_count(n)))
+    return policy.expected_selected(n)
 
 
 @dataclass
@@ -96,7 +88,7 @@ def step_cost(profile: Profile, config, dtype: str, policy: Policy, wl: Workload
     xb = input_bytes_per_token(config, dtype) * L * wl.batch
     n = wl.prompt + step + 1  # tokens per sequence after this step; the next query is at t = n
     held, sel = held_tokens(policy, n), selected_tokens(policy, n)
-    k_loc = min(held, policy.half_count(n + 1)) if plan.local_on_device else 0.0  # as TieredStore.schedule rounds
+    k_loc = min(held, policy.recent_count(n + 1)) if plan.local_on_device else 0.0  # as TieredStore.schedule rounds
     phase = plan.phase(step)
     host = math.floor(plan.alpha * max(0.0, held - k_loc)) if phase >= 2 else 0.0
     gone = math.floor(plan.beta * host) if phase == 3 else 0.0

@@ -63,7 +63,7 @@ class TieredCache(AlisaCache):
             def recompute(x, positions):
                 return kv_from_inputs(self.model, layer_idx, x, positions)
 
-            out = ts.attend(query, chunk.q_pos[:, 0], scale, recompute, stats, layer_idx)
+            out = ts.attend(query, chunk.q_pos[:, 0], scale, recompute, stats, layer_idx, n_max=self.layers[layer_idx].store.seen)
             ts.evict(self.policy.retain(ts.pos, chunk.t_next, ts.state))
         ts.schedule(self.plan, self.step, chunk.t_next)
         return out
@@ -187,9 +187,8 @@ def greedy_steps(model, tok: torch.Tensor, mask: torch.Tensor, cache, new_tokens
 
 
 def shares_dense_prefill(policy: Policy, prefill: str) -> bool:
-    """Whether the prompt pass under ``policy`` is the unmodified model's (so one can serve many runs):
-    a stateless policy with dense prefill, or dense itself (its sparse prefill is dense)."""
-    return not policy.stateful and (prefill == "dense" or policy.name == "dense")
+    """Whether the prompt pass under ``policy`` is the unmodified model's (so one can serve many runs)."""
+    return policy.shares_dense_prefill(prefill)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention import attend_with_feedback
 from ..policies import Policy, PolicyState
 from .quant import dequantize, quantize_tensors
 
@@ -228,10 +229,17 @@ class TieredStore:
         self.dev = Pool(device, int8, reserve)
         self.host = Pool(host, int8)
         self.xs = Pool(host)  # attention inputs of tokens that may be recomputed (never quantized)
-        self.pos = self.tier = self.loc = self.xloc = None
+        # per logical slot: position, tier, column in its pool, column in the input pool; they
+        # follow the slots through the same helper as the policy's state (amortised appends)
+        self.slots = PolicyState()
         self.state: PolicyState | None = None
         self.traffic = Traffic()
-        self._spare: dict[str, torch.Tensor] = {}  # buffers behind the logical per-slot tensors
+        self._gone = False  # whether any token was ever deleted (skips the recompute part otherwise)
+
+    pos = property(lambda self: self.slots.slot.get("pos"), lambda self, v: self.slots.slot.__setitem__("pos", v))
+    tier = property(lambda self: self.slots.slot.get("tier"), lambda self, v: self.slots.slot.__setitem__("tier", v))
+    loc = property(lambda self: self.slots.slot.get("loc"), lambda self, v: self.slots.slot.__setitem__("loc", v))
+    xloc = property(lambda self: self.slots.slot.get("xloc"), lambda self, v: self.slots.slot.__setitem__("xloc", v))
 
     # --- logical slots ------------------------------------------------------------------
     @property
@@ -272,26 +280,14 @@ class TieredStore:
         valid = pos >= 0
         cols, remap = self.dev.write({"k": k, "v": v}, valid)
         self.loc = _remap(self.loc, self.tier == DEVICE, remap)
-        self.pos = self._extend("pos", self.pos, pos)
-        self.tier = self._extend("tier", self.tier, torch.zeros_like(pos, dtype=torch.int8))
-        self.loc = self._extend("loc", self.loc, cols)
-        self.xloc = self._extend("xloc", self.xloc, torch.full_like(pos, -1))
-        for name, s in self.state.slot.items() if self.state is not None else ():
-            self.state.slot[name] = self._extend("state." + name, s, s.new_zeros(*s.shape[:-1], 1))
+        for slots in (self.slots, self.state):
+            if slots is not None:
+                slots.append(1)  # zeros: tier DEVICE, empty policy state
+        self.pos[:, -1:] = pos
+        self.loc[:, -1:] = cols
+        self.xloc[:, -1:] = -1
         if x is not None:
             self._write_x(x, valid)
-
-    def _extend(self, name: str, cur: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-        """``cur`` (..., used) plus one column, written in place into spare capacity (amortised:
-        no copy of the policy's state every step). Returns the (..., used + 1) view."""
-        buf, u = self._spare.get(name), cur.shape[-1]
-        if (buf is None or buf.data_ptr() != cur.data_ptr() or buf.shape[:-1] != cur.shape[:-1]
-                or buf.shape[-1] <= u or buf.dtype != cur.dtype):  # new, reallocated by compaction or by the policy
-            buf = cur.new_empty(*cur.shape[:-1], int(u * Pool.GROWTH) + 16)
-            buf[..., :u] = cur
-            self._spare[name] = buf
-        buf[..., u:u + 1] = col
-        return buf[..., :u + 1]
 
     def evict(self, retain: torch.Tensor) -> None:
         """Forget every slot not in ``retain``: free its columns; compact the logical slots."""
@@ -320,46 +316,45 @@ class TieredStore:
 
     def _compact(self, live: torch.Tensor) -> None:
         idx, valid = rows_of(live)
-        self.pos = torch.where(valid, self.pos.gather(1, idx), -1)
-        self.tier = self.tier.gather(1, idx)
-        self.loc = torch.where(valid, self.loc.gather(1, idx), -1)
-        self.xloc = torch.where(valid, self.xloc.gather(1, idx), -1)
-        if self.state is not None:
-            B, m = idx.shape
-            for name, s in self.state.slot.items():
-                self.state.slot[name] = s.gather(-1, idx.view(B, *([1] * (s.dim() - 2)), m).expand(*s.shape[:-1], m))
+        for slots in (self.slots, self.state):
+            if slots is not None:
+                slots.gather(idx)
+        for name in ("pos", "loc", "xloc"):
+            self.slots.slot[name] = torch.where(valid, self.slots.slot[name], -1)
 
     # --- the decode step ----------------------------------------------------------------
-    def attend(self, query: torch.Tensor, t: torch.Tensor, scale: float, recompute, stats=None, layer: int = 0) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, t: torch.Tensor, scale: float, recompute, stats=None, layer: int = 0,
+               n_max: int | None = None) -> torch.Tensor:
         """One query per row (B, H_q, 1, D) at positions t (B,): select with the policy, fetch
-        the selected host tokens, recompute the selected deleted ones, attend over all of them
-        with one softmax, feed the row back to the policy. Returns (B, 1, H_q, D_v)."""
-        policy, pos = self.policy, self.pos
-        keep = policy.select(pos, t, self.state) if policy.stateful else policy.select(pos, t[:, None], None)
+        the selected host tokens, recompute the selected deleted ones, then attend over all of
+        them with one softmax and feed the row back (:func:`~alisa.attention.attend_with_feedback`,
+        the same step as the core cache's). Returns (B, 1, H_q, D_v)."""
+        policy, pos, q_pos = self.policy, self.pos, t[:, None]
+        keep = attend_with_feedback(policy, self.state, pos, q_pos, None, n_max=n_max)[1]  # (B, 1, C)
+        sel = keep[:, 0]
         if stats is not None:
-            stats.add(layer, keep[:, None], t[:, None])
+            stats.add(layer, keep, q_pos)
         B, Hq, _, D = query.shape
         dev = self.dev.view(query.dtype)
         kd, vd = dev["k"], dev["v"]
-        Hkv = kd.shape[1]
+        Hkv, Ud, C = kd.shape[1], kd.shape[2], self.used
         G = Hq // Hkv
         q = query.reshape(B, Hkv, G, D)
-        Ud = kd.shape[2]
-        on_dev = keep & (self.tier == DEVICE)
-        mask_d = torch.zeros(B, Ud + 1, dtype=torch.bool, device=query.device)
-        mask_d.scatter_(1, torch.where(on_dev, self.loc, Ud), True)
-        mask_d = mask_d[:, :Ud]
-        parts = [(torch.matmul(q, kd.transpose(-1, -2)), mask_d, vd, None)]  # (logits, valid, values, logical slots)
+        # logits over the logical slots: device columns read in place, other tiers filled in below
+        expand = lambda i: i[:, None, None, :].expand(B, Hkv, G, i.shape[1])
+        logits = torch.matmul(q, kd.transpose(-1, -2)).gather(-1, expand(self.loc.clamp(0, max(Ud - 1, 0))))
+        parts = []  # (values, logical slots, valid) of the fetched and recomputed keys
         for tier in (HOST, GONE):
-            sel = keep & (self.tier == tier)
-            if not bool(sel.any()):
+            if (self.host.used if tier == HOST else self._gone) == 0:
+                continue  # nothing ever lived there: no device read-back for the test below
+            tsel = sel & (self.tier == tier)
+            if not bool(tsel.any()):
                 continue
-            idx, valid = rows_of(sel)
+            idx, valid = rows_of(tsel)
             t0 = _now()
             if tier == HOST:
                 cols = torch.where(valid, self.loc.gather(1, idx), 0)
-                raw = self.host.read_raw(cols)
-                moved = {k: v.to(query.device) for k, v in raw.items()}
+                moved = {k: v.to(query.device) for k, v in self.host.read_raw(cols).items()}
                 self.traffic.h2d_bytes += _nbytes(moved.values())
                 self.traffic.tokens_fetched += int(valid.sum())
                 kv = self.host.decode(moved, query.dtype)
@@ -374,26 +369,16 @@ class TieredStore:
                 k, v = recompute(x[:, 0], pos.gather(1, idx))
                 self.traffic.tokens_recomputed += int(valid.sum())
                 self.traffic.seconds["recompute"] += _now(query.device) - t1
-            parts.append((torch.matmul(q, k.transpose(-1, -2)), valid, v, idx))
-        logits = torch.cat([p[0] for p in parts], -1).float() * scale  # (B, Hkv, G, total)
-        mask = torch.cat([p[1] for p in parts], -1)
-        probs = torch.softmax(logits.masked_fill(~mask[:, None, None], float("-inf")), dim=-1)
-        out, start = None, 0
-        for _, m, v, _ in parts:
-            n = m.shape[1]
-            o = torch.matmul(probs[..., start:start + n].to(v.dtype), v)
-            out = o if out is None else out + o
-            start += n
-        if policy.needs_rows:
-            summed = probs.sum((1, 2))  # (B, total): the row, summed over all query heads
-            row = torch.zeros(B, self.used, dtype=summed.dtype, device=summed.device)
-            row = torch.where(on_dev, summed[:, :Ud].gather(1, self.loc.clamp(0, max(Ud - 1, 0))), row)
-            start = Ud
-            for _, valid, _, idx in parts[1:]:
-                n = valid.shape[1]
-                row.scatter_(1, idx, torch.where(valid, summed[:, start:start + n], row.gather(1, idx)))
-                start += n
-            policy.observe(self.state, pos, t, keep, row)
+            logits.scatter_(-1, expand(idx), torch.where(valid[:, None, None], torch.matmul(q, k.transpose(-1, -2)),
+                                                         logits.gather(-1, expand(idx))))
+            parts.append((v, idx, valid))
+        probs = attend_with_feedback(policy, self.state, pos, q_pos, (logits.float() * scale)[:, :, :, None],
+                                     keep=keep, n_max=n_max)[0][:, :, :, 0]  # (B, Hkv, G, C)
+        on_dev = sel & (self.tier == DEVICE)
+        p_dev = probs.new_zeros(B, Hkv, G, Ud + 1).scatter_(-1, expand(torch.where(on_dev, self.loc, Ud)), probs)
+        out = torch.matmul(p_dev[..., :Ud].to(vd.dtype), vd)
+        for v, idx, valid in parts:
+            out = out + torch.matmul((probs.gather(-1, expand(idx)) * valid[:, None, None]).to(v.dtype), v)
         return out.reshape(B, Hq, 1, -1).transpose(1, 2)
 
     # --- scheduling ---------------------------------------------------------------------
@@ -404,7 +389,7 @@ class TieredStore:
             return
         live = self.pos >= 0
         if plan.local_on_device:
-            k_loc = self.policy.half_count(t_next + 1)[:, None]
+            k_loc = self.policy.recent_count(t_next + 1)[:, None]
             nonlocal_ = live & (self.pos < t_next[:, None] - k_loc + 1)
         else:
             nonlocal_ = live
@@ -424,6 +409,7 @@ class TieredStore:
                 self.host.free(self.loc.gather(1, idx), valid)
                 self.tier = torch.where(drop, GONE, self.tier)
                 self.loc = torch.where(drop, -1, self.loc)
+                self._gone = True
                 self._compact_pools()
                 self.traffic.tokens_deleted += int(valid.sum())
 
@@ -451,9 +437,7 @@ class TieredStore:
 
     def kv_bytes(self) -> dict[str, int]:
         """Bytes held per tier (live token columns) and allocated."""
-        state = 0
-        if self.state is not None:
-            state = _nbytes([*self.state.slot.values(), *self.state.other.values()])
+        state = 0 if self.state is None else self.state.nbytes()
         return {"device": self.dev.bytes_live(), "host": self.host.bytes_live(), "inputs": self.xs.bytes_live(),
                 "device_allocated": self.dev.bytes_allocated(), "host_allocated": self.host.bytes_allocated() + self.xs.bytes_allocated(),
                 "policy_state": state}
