@@ -116,7 +116,11 @@ if numba is not None:
                 probs[h, c] = p
                 row[c] += p
 
-    @njit(cache=True, parallel=True)
+    _A = "float32[:,:,:,:], int64[:,:], int64[:,:], int64, int64, int64, int64, boolean, int64, boolean[:,:,:]"
+    _SIGS = [f"void(int64, {_A}, float64[:,:], {elig}[:,:], float32[:,:,:], int64[:,:], float32[:,:,:,:], boolean[:,:,:])"
+             for elig in ("boolean", "int32")]  # h2o, swa; one layout ('A') each: two compilations in all
+
+    @njit(_SIGS, cache=True, parallel=True)
     def run(kind, logits, pos, qpos, p, q, budget, window, dense_all, mode, given,
             score, elig, ring, ring_q, probs, keep_out):
         """One block of queries, every row of the batch in parallel.

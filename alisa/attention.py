@@ -14,7 +14,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import _fast
 from .kvstore import SlotStore
 from .policies import Policy, PolicyState, causal
 
@@ -58,6 +57,8 @@ def route(policy: Policy, pos: torch.Tensor, logits: torch.Tensor | None = None)
         return "reference"  # the compiled route is not differentiable
     if policy.budget is None and policy._q > 2 ** 31:  # p·n must fit in int64 inside the kernel
         return "reference"
+    from . import _fast  # compiles (once per machine, then cached) on first use
+
     if not _fast.available():
         if "numba" not in _warned:
             _warned.add("numba")
@@ -130,6 +131,8 @@ def attend_with_feedback(
 
 def _compiled(policy, state, pos, q_pos, logits, keep, dense, sliding_window):
     """:func:`attend_with_feedback` on the numba route (same arguments, same results)."""
+    from . import _fast
+
     B, Q = q_pos.shape
     C = pos.shape[1]
     score, elig, ring, ring_q = policy.kernel_state(state)
