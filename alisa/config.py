@@ -8,7 +8,10 @@ what is allowed.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,13 @@ from .results import REPO
 
 class ConfigError(ValueError):
     """Bad user input in the run configuration."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error style: ``error: <what>`` on one line, exit 2 (no usage block)."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 @dataclass
@@ -86,6 +96,7 @@ class EvalConf:
     data_dir: Optional[str] = None  # default: $ALISA_DATA_DIR or ~/.cache/alisa/data
     results_dir: str = "results"
     run_id: str = "main"  # results/<experiment_name>/<run_id>/: an existing folder is resumed
+    verbose: bool = False  # third-party log lines and progress bars on the console too (also: -v); always in logs/
     logger: LoggerConf = field(default_factory=LoggerConf)
     throughput: ThroughputConf = field(default_factory=ThroughputConf)
 
@@ -124,6 +135,151 @@ def point_id(p: dict) -> str:
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+NAME_MAX = 100  # characters of experiment_name and run_id (each names a folder)
+PATH_ROOM = 240  # characters a record path adds below the run folder (points/<point>__<task>__<hash>.json)
+DTYPES = ("float32", "float16", "bfloat16")
+_MISSING = object()
+# hf_config keys that must be positive integers wherever they appear
+_POSITIVE_INT_KEYS = {"vocab_size", "hidden_size", "intermediate_size", "ffn_dim", "word_embed_proj_dim",
+                      "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                      "max_position_embeddings", "sliding_window"}
+
+
+def shape_configs() -> dict[str, dict]:
+    """The ``hf_config`` of every ``conf/model/*.yaml`` that has one, by shape name (``random:<shape>``)."""
+    import yaml
+
+    out = {}
+    for f in sorted((REPO / "conf" / "model").glob("*.yaml")):
+        spec = yaml.safe_load(f.read_text()) or {}
+        if isinstance(spec.get("hf_config"), dict):
+            out[f.stem] = spec["hf_config"]
+    return out
+
+
+def _plain(value):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+def check_hf_config(cfg) -> None:
+    """``model.hf_config``: the shape a ``random:<shape>`` model is built from (overrides honoured, validated).
+
+    A config equal to some shape's own (the model group's default) is replaced in ``cfg`` by the
+    named shape's, so that the record says what runs; a changed one is validated (positive integers
+    where the config needs them, a family that matches the shape) and built as given. For a real
+    model (its config comes with its weights) a changed ``hf_config`` is an error, never ignored.
+    """
+    from omegaconf import OmegaConf
+
+    shapes = shape_configs()
+    name = cfg.model.name
+    given = _plain(cfg.model.hf_config)
+    if given is not None and not isinstance(given, dict):
+        raise ConfigError(f"model.hf_config={given!r} is invalid: allowed is a mapping of config keys (or null)")
+    pristine = given is None or any(given == v for v in shapes.values())
+    nearest = min(shapes, key=lambda s: (len(_diff(given, shapes[s])), s)) if given else None
+    allowed_names = ", ".join(f"random:{s}" for s in shapes)
+    if not name.startswith("random:"):
+        if not pristine:
+            key = _diff(given, shapes[nearest])[0]
+            raise ConfigError(f"model.hf_config.{key}={given.get(key)!r} is set for model.name={name!r}, which brings its "
+                              f"own config: allowed only with a random-weight shape ({allowed_names})")
+        return
+    shape = name.split(":", 1)[1]
+    if shape not in shapes:
+        raise ConfigError(f"model.name={name!r} is invalid: allowed random shapes are {allowed_names}")
+    base = shapes[shape]
+    if pristine:
+        if given != base:  # the model group's default shape, not the named one: the name decides
+            OmegaConf.update(cfg, "model.hf_config", base, merge=False)
+        return
+    if nearest != shape and len(_diff(given, shapes[nearest])) < len(_diff(given, base)):
+        keys = ", ".join(_diff(given, shapes[nearest]))
+        raise ConfigError(f"model.hf_config changes ({keys}) apply to the {nearest} shape, but model.name={name!r}: "
+                          f"allowed is model={shape} model.hf_config.KEY=VALUE (the named shape's own config)")
+    for key in _diff(given, base):
+        value, ref = given.get(key, _MISSING), base.get(key)
+        what = f"model.hf_config.{key}={value!r} is invalid"
+        if value is _MISSING:
+            raise ConfigError(f"model.hf_config.{key} was removed: the {shape} shape needs it (allowed: change its value)")
+        if key == "model_type":
+            raise ConfigError(f"{what} for model.name={name!r}: allowed is {ref!r} (another family: model=<shape>, "
+                              f"one of {', '.join(shapes)})")
+        if isinstance(ref, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{what}: allowed is true or false")
+        elif key in _POSITIVE_INT_KEYS or (isinstance(ref, int) and not isinstance(ref, bool)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{what}: allowed is an integer >= 1")
+        elif isinstance(ref, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{what}: allowed is a number > 0")
+    heads, kv, hidden = given.get("num_attention_heads"), given.get("num_key_value_heads"), given.get("hidden_size")
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise ConfigError(f"model.hf_config.num_key_value_heads={kv!r} is invalid: allowed is a divisor of "
+                          f"num_attention_heads={heads}")
+    if isinstance(heads, int) and isinstance(hidden, int) and "head_dim" not in given and hidden % heads:
+        raise ConfigError(f"model.hf_config.hidden_size={hidden!r} is invalid: allowed is a multiple of "
+                          f"num_attention_heads={heads} (or set head_dim)")
+    try:
+        from transformers import AutoConfig
+
+        rest = dict(given)
+        AutoConfig.for_model(rest.pop("model_type"), **rest)
+    except (ValueError, TypeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"model.hf_config is invalid for a {given.get('model_type')!r} model: {first}") from None
+
+
+def model_context(model_conf) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``), read without loading it; None if unknown."""
+    name = model_conf.name
+    if name.startswith("random:"):
+        hf = _plain(model_conf.hf_config) or shape_configs().get(name.split(":", 1)[1]) or {}
+    elif name == "smollm2-135m":
+        hf = shape_configs().get("smollm2-135m", {})
+    else:
+        try:
+            from transformers import AutoConfig
+
+            hf = AutoConfig.from_pretrained(name).to_dict()
+        except Exception:  # noqa: BLE001 - not loadable here: loading the model says why
+            return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = hf.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def wandb_login_found() -> bool:
+    """Whether W&B has credentials here (env, netrc or its settings file) -- checked without any network."""
+    import configparser
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    for path in filter(None, [os.environ.get("NETRC"), os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")]):
+        try:
+            if netrc.netrc(path).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            pass
+    settings = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb") / "settings"
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(settings)
+        return bool(parser.get("default", "api_key", fallback=""))
+    except configparser.Error:
+        return False
 
 
 def _listify(cfg, key: str) -> list:
@@ -144,12 +300,23 @@ def _listify(cfg, key: str) -> list:
     return items
 
 
+def _path_max(path: Path) -> int:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 4096
+
+
 def validate(cfg, machine: bool = True) -> list[dict]:
     """Check values before anything heavy runs; returns the grid points.
 
     List-valued keys given as a single value are made lists in ``cfg`` (in place).
     ``machine=False`` leaves out what depends on the machine that runs the job (GPU, data
-    folder): a multirun's launcher checks every job's values before it submits them.
+    folder, W&B login): a multirun for a remote launcher checks every job's values before it
+    submits them (a local launcher checks the machine too).
     """
     from .integration import PREFILL_MODES
     from .policies import REGISTRY, make_policy
@@ -187,6 +354,17 @@ def validate(cfg, machine: bool = True) -> list[dict]:
         raise ConfigError(f"max_length={cfg.max_length!r} is invalid: allowed is an integer >= 16 or null")
     if cfg.num_fewshot is not None and cfg.num_fewshot < 0:
         raise ConfigError(f"num_fewshot={cfg.num_fewshot!r} is invalid: allowed is an integer >= 0 or null")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size!r} is invalid: allowed is an integer >= 1")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed!r} is invalid: allowed is an integer in [0, 2**32)")
+    if cfg.model.dtype is not None and cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r} is invalid: allowed are {', '.join(DTYPES)} or null (the model's own)")
+    check_hf_config(cfg)
+    context = model_context(cfg.model)
+    if cfg.max_length is not None and context is not None and cfg.max_length > context:
+        raise ConfigError(f"max_length={cfg.max_length!r} is invalid: allowed is at most {context} tokens, the context "
+                          f"of model {cfg.model.name!r} (or null)")
     if cfg.model.device not in DEVICES:
         raise ConfigError(f"model.device={cfg.model.device!r} is invalid: allowed are {', '.join(DEVICES)}")
     if cfg.model.device == "cuda" and machine:
@@ -194,6 +372,9 @@ def validate(cfg, machine: bool = True) -> list[dict]:
 
         if not torch.cuda.is_available():
             raise ConfigError("model.device='cuda' asked for, but no CUDA GPU is available here: use model.device=cpu")
+    if cfg.logger.wandb == "online" and machine and not wandb_login_found():
+        raise ConfigError("logger.wandb='online' needs a W&B login, and none was found here (`wandb login` or "
+                          "WANDB_API_KEY): allowed here are logger=wandb_offline (sync later) or logger=none")
     if cfg.logger.wandb not in WANDB_MODES:
         raise ConfigError(f"logger.wandb={cfg.logger.wandb!r} is invalid: allowed are {', '.join(WANDB_MODES)}")
     if not cfg.tasks:
@@ -203,9 +384,18 @@ def validate(cfg, machine: bool = True) -> list[dict]:
             raise ConfigError(f"task {t!r} is invalid: allowed is a task name (e.g. tasks=[piqa_local])")
     for key in ("experiment_name", "run_id"):
         value = cfg[key]
-        if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", ".."):
-            raise ConfigError(f"{key}={value!r} is invalid: allowed are letters, digits, '.', '-' and '_' "
-                              "(it names a folder)")
+        if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", "..") or len(value) > NAME_MAX:
+            raise ConfigError(f"{key}={value!r} is invalid: allowed are letters, digits, '.', '-' and '_', "
+                              f"at most {NAME_MAX} characters (it names a folder)")
+    run_dir = Path(os.path.abspath(Path(cfg.results_dir) / cfg.experiment_name / cfg.run_id))
+    limit = _path_max(run_dir)
+    if len(str(run_dir)) + PATH_ROOM > limit:
+        raise ConfigError(f"results_dir={str(cfg.results_dir)!r} is invalid: the run folder {str(run_dir)!r} has "
+                          f"{len(str(run_dir))} characters; allowed are at most {limit - PATH_ROOM}")
+    for part in run_dir.parts:
+        if len(os.fsencode(part)) > 255:
+            raise ConfigError(f"results_dir={str(cfg.results_dir)!r} is invalid: the folder name {part[:40]!r}... is "
+                              "longer than 255 bytes: allowed are shorter names")
     tasks_dir = Path(cfg.tasks_dir)
     if not tasks_dir.is_dir():
         raise ConfigError(f"tasks_dir={str(tasks_dir)!r} does not exist")

@@ -42,7 +42,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import REPO, ConfigError, _listify, point_id, policy_kwargs, register_configs, validate
+from .config import (REPO, ConfigError, _listify, model_context, point_id, policy_kwargs, register_configs,
+                     shape_configs, validate)
 from .results import _umask_mode, git_commit, hardware, read_json, versions, write_atomic
 
 log = logging.getLogger("alisa.eval")
@@ -87,13 +88,43 @@ def get_model(model_conf):
     """(model, tokenizer) of ``cfg.model``, loaded once per process. ConfigError for an unknown model."""
     from .models import load_model
 
-    key = (model_conf.name, model_conf.dtype, model_conf.device)
+    hf = OmegaConf.to_container(model_conf.hf_config, resolve=True) if OmegaConf.is_config(model_conf.hf_config) \
+        else model_conf.hf_config
+    custom = model_conf.name.startswith("random:") and hf is not None and hf != shape_configs().get(model_conf.name[7:])
+    key = (model_conf.name, model_conf.dtype, model_conf.device, json.dumps(hf, sort_keys=True) if custom else None)
     if key not in _MODELS:
         try:
-            _MODELS[key] = load_model(model_conf.name, dtype=model_conf.dtype, device=model_conf.device)
+            if custom:  # model.hf_config changed (validated by config.check_hf_config): build that shape
+                _MODELS[key] = _random_model(model_conf.name, hf, model_conf.dtype, model_conf.device)
+            else:
+                _MODELS[key] = load_model(model_conf.name, dtype=model_conf.dtype, device=model_conf.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return _MODELS[key]
+
+
+def _random_model(name: str, hf_config: dict, dtype, device):
+    """A random-weight model of ``hf_config`` (as :func:`alisa.load_model` builds ``random:<shape>``, same seed)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import _device, _dtype
+
+    spec = shape_configs()
+    hf = dict(hf_config)
+    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    config.name_or_path = name
+    shape = name.split(":", 1)[1]
+    default_dtype = "float32"
+    if shape in spec:
+        import yaml
+
+        default_dtype = (yaml.safe_load((CONF_DIR / "model" / f"{shape}.yaml").read_text()) or {}).get("dtype") or "float32"
+    dev = _device(device)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=_dtype(dtype) or _dtype(default_dtype))
+    return model.to(dev).eval(), None
 
 
 @functools.lru_cache(maxsize=4)
@@ -143,12 +174,14 @@ class LmEvalRunner:
             raise ConfigError(f"model.name={cfg.model.name!r} has no tokenizer (random weights): accuracy needs a real model")
         lm = AlisaLM(pretrained=model, tokenizer=tok, policy=point["policy"], prefill=cfg.grid.prefill,
                      batch_size=cfg.batch_size, max_length=cfg.max_length, **policy_kwargs(point))
+        lm.show_progress = _RUN_LOG is None or bool(OmegaConf.select(cfg, "verbose", default=False))  # CLI: quiet
         limit = task_limit(cfg, task)
-        try:
+        _no_git_describe()
+        try:  # no verbosity=: lm-eval's log lines go through the root logger (console filter, run log file)
             out = simple_evaluate(model=lm, tasks=[task], num_fewshot=cfg.num_fewshot, limit=limit,
                                   task_manager=task_manager(cfg.tasks_dir), random_seed=cfg.seed,
                                   numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
-                                  bootstrap_iters=1000, log_samples=False, verbosity="WARNING")
+                                  bootstrap_iters=1000, log_samples=False)
         finally:
             lm.close()
         metrics = _metrics(out["results"][task])
@@ -161,6 +194,19 @@ class LmEvalRunner:
                 "n_docs_total": out.get("n-samples", {}).get(task, {}).get("original"),
                 "kept_fraction": {"overall": kept["overall"],
                                   "per_layer": [kept["per_layer"][k] for k in sorted(kept["per_layer"])]}}
+
+
+def _no_git_describe() -> None:
+    """lm-eval runs ``git describe`` in the working folder for its own results (printing "fatal: not a git
+    repository" outside one); alisa's records carry the commit already, so lm-eval gets alisa's."""
+    import lm_eval.evaluator as ev
+
+    if getattr(ev.get_git_commit_hash, "__module__", "") != __name__:
+        ev.get_git_commit_hash = _git_commit_for_lm_eval
+
+
+def _git_commit_for_lm_eval():
+    return _provenance("cpu")["git_commit"]
 
 
 THROUGHPUT = "throughput"
@@ -207,21 +253,29 @@ class ThroughputRunner:
             raise ConfigError(f"throughput.plan={tc.plan!r} is invalid: allowed are none, auto")
         if not 0 <= tc.flexgen_fraction <= 1:
             raise ConfigError(f"throughput.flexgen_fraction={tc.flexgen_fraction!r} is invalid: allowed is a fraction in [0, 1]")
-        if tc.plan == "auto" and self._profile(cfg) is None:
+        context = model_context(cfg.model)
+        if context is not None and tc.prompt + tc.new_tokens > context:
+            raise ConfigError(f"throughput.prompt + throughput.new_tokens={tc.prompt} + {tc.new_tokens} is invalid: allowed "
+                              f"are at most {context} tokens in all, the context of model {cfg.model.name!r}")
+        prof = self._profile(cfg)  # read (and checked) whenever set: every engine point uses it for a prediction
+        if tc.plan == "auto" and prof is None:
             raise ConfigError(f"throughput.plan=auto needs a profile of this machine: run `python -m alisa.profile "
                               f"--model {cfg.model.name} --device {cfg.model.device}` (or set throughput.profile=FILE)")
 
     @staticmethod
     def _profile(cfg):
-        from .profile import load_profile
-        from .runtime.costmodel import Profile
+        from .profile import ProfileError, load_profile, read_profile
 
-        if cfg.throughput.profile:
-            path = Path(cfg.throughput.profile)
-            if not path.is_file():
-                raise ConfigError(f"throughput.profile={str(path)!r} does not exist: run `python -m alisa.profile --out FILE`")
-            return Profile.from_dict(read_json(path))
-        return load_profile(cfg.model.name, cfg.model.device)
+        try:
+            if cfg.throughput.profile:
+                path = Path(cfg.throughput.profile)
+                if not path.is_file():
+                    raise ConfigError(f"throughput.profile={str(path)!r} does not exist: run `python -m alisa.profile --out FILE`")
+                return read_profile(path)
+            return load_profile(cfg.model.name, cfg.model.device)
+        except ProfileError as e:
+            key = "throughput.profile=" if cfg.throughput.profile else "the profile of this machine "
+            raise ConfigError(f"{key}{e}") from None
 
     def tasks(self, cfg) -> list[str]:
         _listify(cfg, "throughput.batches")
@@ -505,7 +559,8 @@ def run_experiment(cfg) -> Path:
     """Run (or resume) the grid; returns the results folder.
 
     Raises ConfigError on bad input, before any output; raises PointsFailed at the end
-    (after the report) when some (point, task) failed.
+    (after the report) when some (point, task) failed. A run that ends by an exception before
+    its first record (disk full, Ctrl-C, ...) removes the folders it created: no empty results.
     """
     points = validate(cfg)
     if cfg.data_dir:
@@ -519,37 +574,45 @@ def run_experiment(cfg) -> Path:
     if tok is None and any(task_kind(t) == "lm_eval" for t in tasks):
         raise ConfigError(f"model.name={cfg.model.name!r} has no tokenizer (random weights): accuracy needs a real model")
     n_pairs = sum(applies(p, t) for p in points for t in tasks)
+    created = _missing_dirs(run_dir)
+    try:
+        return _run_grid(cfg, run_dir, points, tasks, n_pairs)
+    except BaseException:
+        _remove_if_no_records(run_dir, created)
+        raise
 
+
+def _run_grid(cfg, run_dir: Path, points: list[dict], tasks: list[str], n_pairs: int) -> Path:
     from tqdm import tqdm
 
     from .report import load_records, rebuild
     from .wandb_log import WandbLogger
 
     (run_dir / "points").mkdir(parents=True, exist_ok=True)
+    _open_run_log(run_dir)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # the latest invocation's
     _clean_stale_tmp(run_dir)
     logger = WandbLogger(cfg.logger, run_dir, cfg.experiment_name)
     counts = {"ran": 0, "skipped": 0, "failed": 0, "busy": 0}
     failures: list[dict] = []
     try:
-        bar = tqdm(total=n_pairs, desc=cfg.experiment_name, unit="eval", file=sys.stderr)
-        for p in points:
-            records, fresh = [], False
-            for task in tasks:
-                if not applies(p, task):
-                    continue
-                bar.set_postfix_str(f"{point_id(p)} {task}")
-                status, rec = _do_point(cfg, run_dir, p, task)
-                counts[status] += 1
-                if status == "failed":
-                    failures.append(rec)
-                elif rec is not None:
-                    records.append(rec)
-                    fresh |= status == "ran"
-                bar.update()
-            if fresh:
-                logger.log_point(p, records)
-        bar.close()
+        with tqdm(total=n_pairs, desc=cfg.experiment_name, unit="eval", file=sys.stderr, disable=False) as bar:
+            for p in points:
+                records, fresh = [], False
+                for task in tasks:
+                    if not applies(p, task):
+                        continue
+                    bar.set_postfix_str(f"{point_id(p)} {task}")
+                    status, rec = _do_point(cfg, run_dir, p, task)
+                    counts[status] += 1
+                    if status == "failed":
+                        failures.append(rec)
+                    elif rec is not None:
+                        records.append(rec)
+                        fresh |= status == "ran"
+                    bar.update()
+                if fresh:
+                    logger.log_point(p, records)
         log.info("%s: %d ran, %d skipped (done before), %d failed, %d left to another job", run_dir,
                  counts["ran"], counts["skipped"], counts["failed"], counts["busy"])
         with _lock(run_dir / ".locks" / "report.lock", wait=True):
@@ -566,6 +629,36 @@ def run_experiment(cfg) -> Path:
                            f"tracebacks in {run_dir / 'points'}; rerun the same command to retry them",
                            run_dir=run_dir, failures=failures)
     return run_dir
+
+
+def _missing_dirs(run_dir: Path) -> list[Path]:
+    """The run folder and its parents that do not exist yet (innermost first): what this run would create."""
+    out, d = [], run_dir
+    while not d.exists() and d != d.parent:
+        out.append(d)
+        d = d.parent
+    return out
+
+
+def _remove_if_no_records(run_dir: Path, created: list[Path]) -> None:
+    """After a run that failed: remove the folders it created if no record was written (and no other job is in it)."""
+    if not created or created[0] != run_dir or not run_dir.is_dir():
+        return
+    if any((run_dir / "points").glob("*.json")) or any((run_dir / "superseded").glob("*.json")):
+        return
+    for lock in (run_dir / ".locks").glob("*.lock"):  # a job that started meanwhile holds its lock: leave the folder
+        with _lock(lock, wait=False) as free:
+            if not free:
+                return
+    _close_run_log()
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for d in created[1:]:
+        try:
+            d.rmdir()  # only if empty
+        except OSError:
+            break
 
 
 def _check_writable(run_dir: Path, results_dir: str) -> None:
@@ -592,36 +685,238 @@ def _experiment_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
+# --- the console and the run's log file (CLI) ---
+
+class _ConsoleFilter(logging.Filter):
+    """Quiet console: alisa's own lines and errors; third-party chatter only in the run's log file (or with -v)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == "alisa" or record.name.startswith("alisa.") or record.levelno >= logging.ERROR
+
+
+_RUN_LOG = None  # the CLI's logging.handlers.MemoryHandler: buffers until the run folder exists, then writes logs/
+
+
+@contextlib.contextmanager
+def _cli_logging(verbose: bool):
+    """Every log line of this job (alisa's and third-party, INFO and up) goes to ``<run dir>/logs/<time>-<host>-<pid>.log``;
+    the console gets alisa's lines and errors, or everything with ``verbose``."""
+    import logging.handlers
+
+    global _RUN_LOG
+    root = logging.getLogger()
+    if not verbose:
+        for h in root.handlers:
+            if not any(isinstance(f, _ConsoleFilter) for f in h.filters):
+                h.addFilter(_ConsoleFilter())
+    logging.captureWarnings(True)  # Python warnings (deprecations, ...) become log records: filtered like the rest
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()  # through the root logger instead of transformers' own stderr handler
+        hf_logging.enable_propagation()
+    buffer = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
+    buffer.setLevel(logging.INFO)
+    root.addHandler(buffer)
+    _RUN_LOG = buffer
+    try:
+        yield
+    finally:
+        _close_run_log()
+        root.removeHandler(buffer)
+        buffer.close()
+        _RUN_LOG = None
+
+
+def _open_run_log(run_dir: Path) -> None:
+    """Start writing the buffered log lines into the run folder (CLI only)."""
+    buffer = _RUN_LOG
+    if buffer is None or buffer.target is not None:
+        return
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (run_dir / "logs").mkdir(exist_ok=True)
+    fh = logging.FileHandler(run_dir / "logs" / f"{stamp}-{socket.gethostname()}-{os.getpid()}.log", encoding="utf-8")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    buffer.setTarget(fh)
+    buffer.flush()
+    buffer.capacity = 1  # from now on every line is written at once
+
+
+def _close_run_log() -> None:
+    buffer = _RUN_LOG
+    if buffer is None or buffer.target is None:
+        return
+    buffer.flush()
+    target = buffer.target
+    buffer.setTarget(None)
+    buffer.buffer.clear()
+    buffer.capacity = 1 << 30
+    target.close()
+
+
+# --- the command line: one line per bad input or fault ---
+
+LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local")  # their jobs run on this machine: it is checked up front
+_STDERR_ENV = "ALISA_CLI_STDERR"  # identity of the user's stderr: a job that shares it prints its own error line
+
+
+def _hydra_args(argv: list[str]):
+    """Hydra's own command line (flags and overrides); a bad flag is a ConfigError."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str):
+        raise ConfigError(f"{message} (see python -m alisa.eval --help)")
+
+    parser.error = error
+    return parser.parse_args(argv)
+
+
+def _parse_hint(text: str) -> str:
+    value = text.split("=", 1)[1] if "=" in text else text
+    if any(ord(c) > 127 for c in text):
+        return "non-ASCII characters need quotes: \"key='value'\""
+    if any(c in value for c in "[]{}(),"):
+        return "write lists as key=[a,b] and sweeps as key=a,b"
+    if "=" not in text:
+        return "allowed is key=value"
+    return "quote a value with special characters: key='value'"
+
+
+def _parse_overrides(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides=overrides)
+    except OverrideParseException as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"malformed override {e.override!r}: {reason} ({_parse_hint(e.override)})") from None
+
+
+_NUMBER_RE = re.compile(r"(?<![\w.])[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w.])")
+
+
+def _check_sparsities_as_written(parsed) -> None:
+    """A sparsity out of [0, 1) is reported as the user wrote it (0.99999999999999999 is 1.0 as a float)."""
+    for o in parsed:
+        if o.key_or_group != "grid.sparsities" or o.is_delete() or "=" not in o.input_line:
+            continue
+        text = o.input_line.split("=", 1)[1]
+        if "$" in text or ("(" in text and not text.startswith("choice(")):
+            continue  # interpolations, range(...) and the like: checked after composition
+        for token in _NUMBER_RE.findall(text):
+            value = float(token)
+            if not 0 <= value < 1:
+                as_float = "" if repr(value) == token else f" ({value!r} as a float)"
+                raise ConfigError(f"sparsity={token} is invalid{as_float}: allowed is a number in [0, 1)")
+
+
+def _schema_error(key: str, override: str) -> str | None:
+    """Why ``+key=...`` cannot be added (not a key of the schema), or None (a key below a mapping such as task_limits)."""
+    import dataclasses
+    import typing
+
+    from .config import EvalConf
+
+    node, path = EvalConf, []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None  # below a mapping (task_limits, model.hf_config) or a free-form value: any key
+        hints = typing.get_type_hints(node)
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            return (f"Could not append {override!r}: Key {part!r} not in {node.__name__!r} (allowed keys: "
+                    f"{', '.join(names)}; `+` adds keys only below task_limits or model.hf_config)")
+        path.append(part)
+        node = hints[part]
+        args = [a for a in typing.get_args(node) if a is not type(None)]
+        if typing.get_origin(node) is typing.Union and len(args) == 1:
+            node = args[0]
+    return None
+
+
+def _is_group(key: str) -> bool:
+    return "/" in key or (CONF_DIR / key).is_dir()
+
+
+def _check_added_keys(parsed) -> None:
+    """``+key=value`` with a key the schema does not have would run on the defaults: reject it like a misspelled key."""
+    for o in parsed:
+        if not (o.is_add() or o.is_force_add()) or o.package or _is_group(o.key_or_group) or o.key_or_group.startswith("hydra"):
+            continue
+        why = _schema_error(o.key_or_group, o.input_line)
+        if why:
+            raise ConfigError(why)
+
+
+def _group_values(o) -> list:
+    if o.is_delete():
+        return []
+    if o.is_sweep_override():
+        return list(o.sweep_string_iterator())
+    value = o.value()
+    return [value] if isinstance(value, str) else []
+
+
+def _check_groups(parsed) -> str:
+    """Unknown config group options (model=, logger=, +experiment=, hydra/launcher=, ...) listed in one line;
+    returns the launcher of a multirun."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    launcher = "basic"
+    for o in parsed:
+        group = o.key_or_group
+        if o.package or not _is_group(group) or not loader.repository.group_exists(group):
+            continue
+        options = [n for n in loader.get_group_options(group) if not n.endswith("_schema")]
+        for value in _group_values(o):
+            if value not in options:
+                raise ConfigError(f"unknown {group} {value!r}: allowed are {', '.join(options)}")
+        if group == "hydra/launcher" and _group_values(o):
+            launcher = _group_values(o)[-1]
+    return launcher
+
+
 def precheck(argv: list[str]) -> None:
-    """One-line errors for what Hydra would report in many lines: unknown experiment, bad keys or types, and
-    (for a multirun) every job's values, before any job starts."""
+    """One-line errors for what Hydra would report in many lines (or not at all): bad flags, malformed overrides,
+    unknown config group options, keys added with ``+`` that the schema lacks, bad keys or types, and (for a
+    multirun) every job's values -- before any job starts; jobs of a local launcher are checked against this
+    machine too (GPU, data folder, W&B login)."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException, OverrideParseException
+    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    for a in argv:
-        if a.lstrip("+").startswith("experiment="):
-            value = a.split("=", 1)[1]
-            if multirun and value.startswith("choice(") and value.endswith(")"):
-                value = value[len("choice("):-1]
-            for name in (value.split(",") if multirun else [value]):
+    args = _hydra_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion:
+        return  # Hydra's help and info screens
+    multirun = bool(args.multirun)
+    parsed = _parse_overrides(args.overrides)
+    for o in parsed:  # before anything else: the most common mistake, listed from the files alone
+        if o.key_or_group == "experiment" and not o.package:
+            for name in _group_values(o):
                 if name.strip() not in _experiment_names():
                     raise ConfigError(f"unknown experiment {name.strip()!r}: allowed are {', '.join(_experiment_names())}")
-    args = [a for a in argv if a not in ("-m", "--multirun")]
-    if any(a.startswith("-") for a in args):
-        return  # other Hydra flags (--config-dir, --cfg, ...): Hydra checks them itself
-    args = [a for a in args if not a.lstrip("+~").startswith("hydra")]  # launcher etc.: Hydra's business
+    _check_sparsities_as_written(parsed)
+    _check_added_keys(parsed)
+    if args.config_path or args.config_dir:
+        return  # another config folder: Hydra composes it itself
+    config_name = args.config_name or "config"
+    names = sorted(f.stem for f in CONF_DIR.glob("*.yaml"))
+    if config_name.removesuffix(".yaml") not in names:
+        raise ConfigError(f"unknown --config-name {config_name!r}: allowed are {', '.join(names)}")
+    overrides = [a for a in args.overrides if not a.lstrip("+~").startswith("hydra")]  # Hydra's own keys: Hydra's business
     register_configs()
     try:
-        jobs = _sweep_jobs(args) if multirun else [args]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            launcher = _check_groups(parsed)
+            jobs = _sweep_jobs(overrides) if multirun else [overrides]
             for job in jobs:
-                cfg = compose(config_name="config", overrides=job)
+                cfg = compose(config_name=config_name, overrides=job)
                 if multirun:
-                    validate(cfg, machine=False)
-    except OverrideParseException as e:
-        raise ConfigError(f"malformed override {e.override!r}: {_one_line(e)} (write lists as key=[a,b])") from None
+                    validate(cfg, machine=launcher in LOCAL_LAUNCHERS)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
 
@@ -629,18 +924,22 @@ def precheck(argv: list[str]) -> None:
 def _sweep_jobs(args: list[str]) -> list[list[str]]:
     """The overrides of every job of a basic-sweeper multirun."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides=args)
+    parsed = _parse_overrides(args)
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 def _one_line(e: BaseException) -> str:
-    """Hydra's error, its cause, and the keys allowed where a key was unknown, on one line."""
+    """Hydra's error, its cause, and the keys (or options) allowed, on one line."""
     import dataclasses
 
     lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    if not lines:
+        return type(e).__name__
     msg = lines[0].rstrip(".") + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
+    options = [l for l in lines[1:] if not l.startswith(("Available options", "Config search path", "provider="))]
+    if any(l.startswith("Available options") for l in lines):
+        msg += f": allowed are {', '.join(o for o in options if not o.endswith('_schema'))}"
     cause = e.__cause__
     if cause is not None and str(cause).strip():
         msg += ": " + str(cause).strip().splitlines()[0]
@@ -650,34 +949,115 @@ def _one_line(e: BaseException) -> str:
     return msg
 
 
+def _os_error_line(e: OSError, run_dir: Path) -> str:
+    import errno
+
+    name = errno.errorcode.get(e.errno, "") if e.errno else ""
+    what = f"{e.strerror or e}" + (f" [{name}]" if name else "")
+    where = f" writing {str(e.filename)!r}" if e.filename else ""
+    return (f"error: the run stopped: {what}{where}; finished records are kept in {str(run_dir)!r} and nothing "
+            "half-written is left: free space (or set results_dir= to a writable folder) and rerun the same command")
+
+
+def _error_line(e: BaseException, cfg) -> tuple[str, int]:
+    """The one line and exit code of an error that ends a job."""
+    if isinstance(e, ConfigError):
+        return f"error: {e}", 2
+    if isinstance(e, OSError):
+        return _os_error_line(e, run_dir_of(cfg)), 1
+    return f"error: {e}", 1
+
+
+def _stderr_id() -> str:
+    try:
+        st = os.fstat(2)
+        return f"{st.st_dev}:{st.st_ino}"
+    except OSError:
+        return ""
+
+
 def hydra_task(cfg) -> None:
     """The Hydra task function (module level: a multirun launcher pickles it by reference)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    try:
-        run_experiment(cfg)
-    except (ConfigError, PointsFailed) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        if multirun:
-            raise  # Hydra marks the job failed, runs the others, and exits 1 after them
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    with _cli_logging(bool(OmegaConf.select(cfg, "verbose", default=False))):
+        try:
+            run_experiment(cfg)
+        except (ConfigError, PointsFailed, OSError) as e:
+            line, code = _error_line(e, cfg)
+            if not multirun:
+                print(line, file=sys.stderr, flush=True)
+                sys.exit(code)
+            # Hydra marks the job failed, runs the others, and re-raises the first failure in the launcher
+            # (main prints it there unless this job already printed it on the same terminal).
+            if os.environ.get(_STDERR_ENV) == _stderr_id():
+                print(line, file=sys.stderr, flush=True)
+                e.alisa_printed = True
+            e.alisa_line, e.alisa_code = line, code
+            raise
+
+
+def _verbose_argv(argv: list[str]) -> tuple[list[str], bool]:
+    """``-v``/``--verbose`` becomes the override ``verbose=true`` (Hydra has no such flag)."""
+    out = ["verbose=true" if a in ("-v", "--verbose") else a for a in argv]
+    verbose = any(a.lstrip("+") in ("verbose=true", "verbose=True", "verbose=1") for a in out)
+    return out, verbose
 
 
 def main() -> None:
+    try:
+        sys.exit(_main())
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def _main() -> int:
     import hydra
 
+    argv, verbose = _verbose_argv(sys.argv[1:])
+    sys.argv = [sys.argv[0], *argv]
+    if not verbose:  # third-party progress bars off (read by tqdm when first imported); alisa's own bar stays
+        os.environ.setdefault("TQDM_DISABLE", "1")
     register_configs()
     try:
-        precheck(sys.argv[1:])
+        precheck(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(hydra_task)()
+        return 2
+    own_errors = not os.environ.get("HYDRA_FULL_ERROR")
+    if own_errors:  # Hydra re-raises instead of printing a trimmed traceback: one line here
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    os.environ[_STDERR_ENV] = _stderr_id()
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(hydra_task)()
+    except Exception as e:  # noqa: BLE001 - everything that reaches the user is one line
+        if not own_errors:
+            raise
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        line = getattr(e, "alisa_line", None)
+        code = getattr(e, "alisa_code", None)
+        if line is None:
+            bad_input = isinstance(e, (ConfigError, HydraException, OmegaConfBaseException))
+            line = f"error: {_one_line(e)}" if bad_input else \
+                f"error: {_first_line(e)} (not an input error: HYDRA_FULL_ERROR=1 shows the traceback)"
+            code = 2 if bad_input else 1
+        if not getattr(e, "alisa_printed", False):
+            print(line, file=sys.stderr, flush=True)
+        return code
+    return 0
+
+
+def _first_line(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 if __name__ == "__main__":
-    from alisa.eval import main as _main  # the importable module, not __main__: launchers pickle its functions
+    from alisa.eval import main as _main_entry  # the importable module, not __main__: launchers pickle its functions
 
-    _main()
+    _main_entry()

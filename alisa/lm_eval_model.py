@@ -13,17 +13,41 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 
 import lm_eval.models  # noqa: F401  (stock placeholders first: get_model only auto-loads them into an empty registry)
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .integration import apply
+from .integration import PREFILL_MODES, apply
 from .models import load_model
 from .policies import make_policy
 
 log = logging.getLogger(__name__)
+
+# HFLM arguments that still mean something when alisa loads the model itself (the others -- revision,
+# parallelize, peft, gguf_file, ... -- configure HFLM's own loading and would be ignored silently).
+HFLM_ARGS = ("backend", "truncation", "logits_cache", "max_length", "softmax_dtype", "mixed_precision_dtype",
+             "max_batch_size", "add_bos_token", "prefix_token_id", "think_end_token", "enable_thinking",
+             "chat_template_args", "use_fast_tokenizer", "trust_remote_code")
+OWN_ARGS = ("pretrained", "policy", "sparsity", "budget", "prefill", "dtype", "device", "tokenizer", "batch_size")
+
+
+def _check_args(kwargs: dict, device, batch_size) -> None:
+    """One ValueError naming the bad model_args value and what is allowed (before anything loads)."""
+    unknown = sorted(k for k in kwargs if k not in HFLM_ARGS)
+    if unknown:
+        raise ValueError(f"unknown model_args key {unknown[0]!r}: allowed are {', '.join(OWN_ARGS + HFLM_ARGS)}")
+    if device is not None and not (str(device) in ("cpu", "cuda") or str(device).startswith("cuda:") or str(device) == "mps"):
+        raise ValueError(f"device={device!r} is invalid: allowed are cpu, cuda, cuda:N")
+    if isinstance(batch_size, str) and not batch_size.startswith("auto"):
+        try:
+            batch_size = int(batch_size)
+        except ValueError:
+            raise ValueError(f"batch_size={batch_size!r} is invalid: allowed is an integer >= 1 or auto") from None
+    if isinstance(batch_size, (int, float)) and not isinstance(batch_size, bool) and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: allowed is an integer >= 1 or auto")
 
 
 @register_model("alisa")
@@ -42,7 +66,10 @@ class AlisaLM(HFLM):
     def __init__(self, pretrained="smollm2-135m", policy: str = "dense", sparsity: float | None = None,
                  budget: int | None = None, prefill: str = "sparse", dtype=None, device: str | None = None,
                  tokenizer=None, batch_size=1, **kwargs):
-        self.kv_policy = make_policy(policy, sparsity=sparsity, budget=budget)  # validate before loading anything
+        _check_args(kwargs, device, batch_size)  # validate before loading anything
+        self.kv_policy = make_policy(policy, sparsity=sparsity, budget=budget)
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill={prefill!r} is invalid: allowed are {', '.join(PREFILL_MODES)}")
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             # lm-eval's CLI passes device='cuda:0' unless told otherwise; like its HFLM, fall back to the CPU.
             if device is not None:
@@ -57,6 +84,40 @@ class AlisaLM(HFLM):
         super().__init__(pretrained=model, tokenizer=tok, batch_size=batch_size, **kwargs)
         self._stack = contextlib.ExitStack()
         self.run = self._stack.enter_context(apply(model, self.kv_policy, prefill=prefill))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's constructor hook (``--model_args`` parsed). A key given in ``model_args`` wins over the same
+        CLI setting (``--batch_size``, ``--device``); under the ``lm_eval`` command a bad value ends it with one
+        line, ``error: --model_args: ...``, exit 2 (from Python it raises ValueError)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        try:
+            return cls(**arg_dict, **extra)
+        except (ValueError, TypeError) as e:
+            from .lm_eval_plugin import cli_active
+
+            if not cli_active():
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"error: --model_args: {first}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    show_progress = True  # lm-eval's per-request progress bars (alisa.eval turns them off on a quiet console)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_progress)
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         with torch.no_grad():

@@ -19,7 +19,17 @@ PTH_LINE = ("import sys; (any(a.replace('\\\\', '/').rsplit('/', 1)[-1] in ('lm_
             "and __import__('alisa.lm_eval_plugin').lm_eval_plugin.register()\n")
 
 
+_CLI = False
+
+
+def cli_active() -> bool:
+    """Whether this interpreter runs the ``lm_eval`` command (then a bad ``--model_args`` is one line, exit 2)."""
+    return _CLI
+
+
 def register() -> None:
+    global _CLI
+    _CLI = True  # register() runs from the .pth hook only when the interpreter runs the lm_eval command
     import lm_eval.models  # noqa: F401  (the stock placeholders, so that 'hf' etc. still resolve)
     from lm_eval.api.registry import model_registry
 

@@ -96,13 +96,54 @@ def profile_path(name: str, device: str, root: Path | None = None) -> Path:
     return (root or REPO / "results" / "profiles") / f"{socket.gethostname()}-{device}-{safe}.json"
 
 
+class ProfileError(ValueError):
+    """A profile file that cannot be used (not JSON, fields missing or of the wrong type)."""
+
+
+_NUMBERS = ("step_base_s", "step_per_seq_s", "attn_read_bw", "copy_bw", "recompute_flops", "device_capacity", "host_capacity")
+
+
+def read_profile(path: Path) -> Profile:
+    """The profile in ``path``; ProfileError (one line naming the file) if it is not one."""
+    path = Path(path)
+    allowed = "allowed is a JSON file written by `python -m alisa.profile`"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"not JSON: {str(e).splitlines()[0]}"
+        raise ProfileError(f"{str(path)!r} cannot be read ({why}): {allowed}") from None
+    if not isinstance(d, dict):
+        raise ProfileError(f"{str(path)!r} is not a profile (a JSON {type(d).__name__}): {allowed}")
+    missing = [k for k in _NUMBERS + ("device", "model", "dtype") if k not in d]
+    if missing:
+        raise ProfileError(f"{str(path)!r} is not a profile (missing {', '.join(missing)}): {allowed}")
+    for k in _NUMBERS:
+        v = d[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+            raise ProfileError(f"{str(path)!r} is not a profile ({k}={v!r} is not a number >= 0): {allowed}")
+    try:
+        return Profile.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ProfileError(f"{str(path)!r} is not a profile ({e}): {allowed}") from None
+
+
 def load_profile(name: str, device: str, root: Path | None = None) -> Profile | None:
     p = profile_path(name, device, root)
-    return Profile.from_dict(json.loads(p.read_text())) if p.exists() else None
+    return read_profile(p) if p.exists() else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m alisa.profile", description=__doc__.splitlines()[0])
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was saved (rerun the same command)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    from .config import OneLineArgumentParser
+
+    ap = OneLineArgumentParser(prog="python -m alisa.profile", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | random:<shape> | local folder")
     ap.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the model's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
@@ -114,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         print("error: --device='cuda' but no GPU is visible: allowed here is cpu", file=sys.stderr)
         return 2
+    out = Path(a.out) if a.out else profile_path(a.model, a.device)
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if out.is_dir() or not probe.is_dir() or not os.access(probe, os.W_OK):
+        print(f"error: --out={str(out)!r} cannot be written (in {str(probe)!r}): allowed is a writable file path",
+              file=sys.stderr)
+        return 2
     from .models import load_model
 
     try:
@@ -122,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     prof = measure(model, a.model, model.dtype, torch.device(a.device))
-    out = Path(a.out) if a.out else profile_path(a.model, a.device)
-    write_json(out, prof.to_dict())
+    try:
+        write_json(out, prof.to_dict())  # atomic: a failed write leaves no partial file
+    except OSError as e:
+        print(f"error: --out={str(out)!r} cannot be written ({e.strerror or e}): allowed is a writable file path",
+              file=sys.stderr)
+        return 1
     for k, v in prof.to_dict().items():
         if k != "hardware":
             print(f"{k:>16}: {v}")

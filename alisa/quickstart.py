@@ -8,7 +8,6 @@ query actually attended, and the tokens the cache really holds per layer.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -19,26 +18,60 @@ PROMPT = ("Once upon a time, in a small village at the foot of the mountains, th
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import apply, load_model, make_policy
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
 
-    ap = argparse.ArgumentParser(prog="python -m alisa.quickstart", description=__doc__.splitlines()[0])
+
+def _main(argv: list[str] | None) -> int:
+    import os
+
+    from .config import OneLineArgumentParser, model_context
+
+    ap = OneLineArgumentParser(prog="python -m alisa.quickstart", description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default="swa")
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("-v", "--verbose", action="store_true", help="third-party log lines and progress bars too")
     a = ap.parse_args(argv)
+    if a.max_new_tokens < 1:
+        return _error(f"--max-new-tokens={a.max_new_tokens} is invalid: allowed is an integer >= 1")
+    if not a.prompt.strip():
+        return _error(f"--prompt={a.prompt!r} is invalid: allowed is a text with at least one non-space character")
+    from types import SimpleNamespace
+
+    context = model_context(SimpleNamespace(name=a.model, hf_config=None))
+    if context is not None and a.max_new_tokens >= context:
+        return _error(f"--max-new-tokens={a.max_new_tokens} is invalid: allowed is less than {context}, the context of "
+                      f"model {a.model!r} (prompt included)")
+    if not a.verbose:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    from . import apply, load_model, make_policy
+
     try:
         policy = make_policy(a.policy, sparsity=a.sparsity)
         model, tok = load_model(a.model)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     if tok is None:
-        print(f"error: model {a.model!r} has no tokenizer (random weights); use a real model", file=sys.stderr)
-        return 2
+        return _error(f"--model={a.model!r} has no tokenizer (random weights): allowed is a real model "
+                      "(smollm2-135m, a local folder or a hub id)")
     inputs = tok(a.prompt, return_tensors="pt")
     n_prompt = inputs.input_ids.shape[1]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if n_prompt == 0:
+        return _error(f"--prompt={a.prompt!r} is invalid: it gives no tokens; allowed is a text with at least one non-space character")
+    if limit and n_prompt + a.max_new_tokens > limit:
+        return _error(f"--prompt + --max-new-tokens={n_prompt} + {a.max_new_tokens} tokens is invalid: allowed are at "
+                      f"most {limit} in all, the context of model {a.model!r}")
     gen = dict(max_new_tokens=a.max_new_tokens, do_sample=False)
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -57,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"KV tokens held at the end: mean {sum(held) / len(held):.1f} per layer of {total} seen "
           f"(min {min(held):.0f}, max {max(held):.0f})")
     return 0
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

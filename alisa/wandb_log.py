@@ -7,7 +7,40 @@ Offline by default: runs land in ``<results dir>/wandb/`` for ``wandb sync``.
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
+
+log = logging.getLogger("alisa.wandb")
+
+
+def _never_fails(method):
+    """W&B is a copy of the results (they are in ``points/``): a logging failure never ends a sweep.
+
+    Online: fall back to offline runs in ``<run dir>/wandb/`` (one warning); offline: one warning,
+    W&B off for the rest of the run.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not self.enabled:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self._abandon()
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if self.mode == "online":
+                self.mode = "offline"
+                log.warning("W&B online logging failed (%s: %s): logging offline into %s from now on "
+                            "(`wandb sync` later)", type(e).__name__, why, self.run_dir / "wandb")
+                return wrapper(self, *args, **kwargs)
+            log.warning("W&B logging failed (%s: %s): W&B is off for the rest of this run; the results are in %s",
+                        type(e).__name__, why, self.run_dir / "points")
+            self.mode = "disabled"
+            return None
+
+    return wrapper
 
 
 class WandbLogger:
@@ -23,14 +56,17 @@ class WandbLogger:
     def _init(self, name: str, config: dict):
         import wandb  # lazily: only when logging is on
 
+        try:  # no system-metrics sampler (wandb-symon): nothing to sample between points
+            settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+        except Exception:  # noqa: BLE001 - a wandb without that setting
+            settings = wandb.Settings(silent=True, console="off")
         self._run = wandb.init(project=self.project, entity=self.entity, group=self.experiment, name=name,
                                config=config, mode=self.mode, dir=str(self.run_dir), job_type="eval",
-                               settings=wandb.Settings(silent=True, console="off"))
+                               settings=settings)
         return self._run
 
+    @_never_fails
     def log_point(self, point: dict, records: list[dict]) -> None:
-        if not self.enabled:
-            return
         first = records[0]
         config = {**point, "experiment": self.experiment, "model": first["model"]["name"], "seed": first["seed"],
                   "limit": first.get("limit"), "prefill": first["prefill"], "git_commit": first["git_commit"]}
@@ -50,9 +86,8 @@ class WandbLogger:
         run.summary.update(summary)
         self.finish()
 
+    @_never_fails
     def log_summary(self, summary: dict) -> None:
-        if not self.enabled:
-            return
         import wandb
 
         run = self._init("summary", {"experiment": self.experiment})
@@ -67,11 +102,42 @@ class WandbLogger:
         self.finish()
 
     def finish(self) -> None:
-        if self._run is not None:
+        """Finish the open run and stop W&B's service process (``wandb-core``).
+
+        The service is started again for the next run (about half a second): between grid points,
+        while a point computes, no W&B process exists, so a sweep killed there (even with SIGKILL)
+        leaves none behind. Only a kill in the moment a run is being written can orphan it; it then
+        exits by itself once it sees its parent gone, and the system's init reaps it (a container
+        whose PID 1 does not reap orphans keeps it as ``<defunct>``: that is the container's init,
+        not something a child process can avoid).
+        """
+        if self._run is None:
+            return
+        try:
+            self._run.finish()
+        finally:
+            self._run = None
+            _teardown()
+
+    def _abandon(self) -> None:
+        run, self._run = self._run, None
+        if run is not None:
             try:
-                self._run.finish()
-            finally:
-                self._run = None
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001 - already failing; the service is stopped below
+                pass
+        _teardown()
+
+
+def _teardown() -> None:
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and hasattr(wandb, "teardown"):
+        try:
+            wandb.teardown()
+        except Exception:  # noqa: BLE001 - stopping the service is best effort
+            pass
 
 
 def read_offline_run(path: Path) -> dict:
