@@ -1,6 +1,6 @@
 """Compiled (numba) route of the stateful select → softmax → observe recurrence, for CPU tensors.
 
-The same function as the pure-PyTorch reference route in :mod:`alisa.attention` (SPEC
+The same function as the pure-PyTorch reference route in :mod:`alisa.attention` (the
 semantics in ``docs/semantics.md``): for each query of a block, in order, select the keys
 (the k most recent plus the top-k of the policy's score among eligible keys, ties to the
 more recent slot; a dense row when 2k >= n), softmax the given logits over them, sum the
@@ -16,11 +16,18 @@ with one warning line when it does not.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 try:  # pragma: no cover - exercised by the fallback test
     import numba
     from numba import njit, prange
+
+    # numba's OpenMP layer would load a second OpenMP runtime beside PyTorch's, whose idle
+    # threads spin against PyTorch's on a small machine; the work-queue layer does not spin.
+    if os.environ.get("NUMBA_THREADING_LAYER") is None:
+        numba.config.THREADING_LAYER = "workqueue"
 except ImportError:  # pragma: no cover
     numba = None
 
@@ -94,8 +101,10 @@ if numba is not None:
 
     @njit(cache=True)
     def _softmax(probs, logits, idx, m, row):
-        """probs[h, idx[:m]] = softmax over those columns of logits[h]; row[c] = Σ_h probs[h, c]."""
+        """probs[h] = softmax over the columns idx[:m] of logits[h] (zero elsewhere);
+        row[c] = Σ_h probs[h, c] for those columns."""
         H = logits.shape[0]
+        probs[:, :] = 0.0
         for j in range(m):
             row[idx[j]] = 0.0
         for h in range(H):
@@ -130,7 +139,7 @@ if numba is not None:
         keep_out); 2: softmax + observe of the selection ``given`` (B, Q, C).
         State: h2o: score = acc (B, C) f64, elig = evicted (B, C) bool; swa: score = S (B, C)
         f64, elig = nz (B, C) int32, ring (B, R, C) float32, ring_q (B, R) int64.
-        Outputs: probs (B, H, Q, C) float32 (zero outside the selection; a padding query
+        Outputs (every entry written): probs (B, H, Q, C) float32 (zero outside the selection; a padding query
         attends every column), keep_out (B, Q, C) bool.
         """
         B, C = pos.shape

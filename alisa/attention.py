@@ -144,7 +144,7 @@ def _compiled(policy, state, pos, q_pos, logits, keep, dense, sliding_window):
     else:
         Bl, Hkv, G, _, _ = logits.shape
         lg = logits.detach().reshape(B, Hkv * G, Q, C)
-        probs = torch.zeros(B, Hkv * G, Q, C, dtype=torch.float32)
+        probs = torch.empty(B, Hkv * G, Q, C, dtype=torch.float32)  # the kernel writes every entry
     keep_out = torch.empty(B, Q, C, dtype=torch.bool)
     given = keep.contiguous() if keep is not None else keep_out
     _fast.run(policy.kernel, _np(lg), _np(pos), _np(q_pos), policy._p, policy._q,
@@ -176,7 +176,7 @@ def policy_attention(
     """Attend ``query`` (B, H_q, Q, D) at positions ``q_pos`` (B, Q; -1 = padding) over ``store``.
 
     ``dense=True`` makes every query attend all its causal keys while a stateful policy
-    still observes the rows (SPEC §3, ``prefill=dense``). Returns (B, Q, H_q, D_v).
+    still observes the rows (docs/semantics.md §3, ``prefill=dense``). Returns (B, Q, H_q, D_v).
     """
     key, value, pos = store.kv()
     B, Hq, Q, D = query.shape

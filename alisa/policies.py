@@ -1,6 +1,6 @@
 """KV selection policies: dense, local, strided, sinks (StreamingLLM), h2o, swa (ALISA).
 
-The normative semantics are ``shared/SPEC.md`` §2. Each policy is one small class; the
+The normative semantics are ``docs/semantics.md`` §2. Each policy is one small class; the
 same object drives the accuracy path (one forward, every query masked causally) and
 the decode path (a cache that really drops what the policy can no longer pick), so the
 two compute the same function.
@@ -78,7 +78,7 @@ class PolicyState:
 
 
 class Policy(abc.ABC):
-    """Base class: the budget arithmetic of SPEC §2 and the interface both paths use.
+    """Base class: the budget arithmetic of docs/semantics.md §2 and the interface both paths use.
 
     Parameters
     ----------
@@ -299,7 +299,7 @@ class TwoPart(Policy):
 
     A subclass says only what differs: its :meth:`score`, which keys are :meth:`eligible`,
     how :meth:`observe` feeds a row into its state, and which keys it still needs.
-    When 2k >= n the row is dense (SPEC §2). That can happen again after a sparse row
+    When 2k >= n the row is dense (docs/semantics.md §2). That can happen again after a sparse row
     only while n <= ``dense_horizon``; until then the decode cache keeps every key.
     """
 
@@ -499,7 +499,7 @@ class SWA(TwoPart):
             ring_q[:, sl] = torch.where(leaving, -1, ring_q[:, sl])
 
     def _still_needed(self, pos, t_next, state):
-        # SPEC's exact eviction: a key outside L whose window score is 0 is never chosen again.
+        # docs/semantics.md §2, exact eviction: a key outside L whose window score is 0 is never chosen again.
         tt = t_next[:, None]
         return (pos > tt - self.half_count(tt + 1)) | (state.slot["nz"] > 0)
 

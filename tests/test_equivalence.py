@@ -1,4 +1,4 @@
-"""SPEC §3: the simulation (one forward) and the decode path compute the same function."""
+"""docs/semantics.md §3: the simulation (one forward) and the decode path compute the same function."""
 
 import pytest
 import torch

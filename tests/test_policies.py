@@ -1,4 +1,4 @@
-"""Behavioural tests of each policy on small hand-checkable cases (SPEC §2)."""
+"""Behavioural tests of each policy on small hand-checkable cases (docs/semantics.md §2)."""
 
 import pytest
 import torch

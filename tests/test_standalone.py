@@ -21,14 +21,6 @@ from alisa import data as D
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Files other people own that still cite the old spec; they are fixed separately. Empty this
-# set once they are: the test then holds the whole tree to it.
-PENDING_SPEC_REFERENCES = {
-    "alisa/policies.py", "alisa/attention.py", "alisa/_fast.py", "alisa/runtime/costmodel.py", "alisa/runtime/tiered.py",
-    "alisa/runtime/engine.py", "alisa/runtime/recompute.py", "tests/test_policies.py", "tests/test_equivalence.py",
-}
-
-
 def tracked_files() -> list[str]:
     try:
         r = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, timeout=60)
@@ -122,7 +114,7 @@ def test_docs_cite_only_what_the_repository_holds():
     sections = set(re.findall(r"^## (\d+)\. ", semantics, flags=re.M))
     assert {"1", "2", "3", "4"} <= sections
     # (NOTES.md is a dated log: it may say what an older spec said)
-    skip = {"NOTES.md", "tests/test_standalone.py", *PENDING_SPEC_REFERENCES}
+    skip = {"NOTES.md", "tests/test_standalone.py"}
     files = [f for f in tracked_files() if f.endswith((".py", ".md", ".yaml", ".sh")) and (REPO / f).is_file()]
     offenders = []
     for f in files:
@@ -132,4 +124,3 @@ def test_docs_cite_only_what_the_repository_holds():
         for n in re.findall(r"docs/semantics\.md`?\)? §(\d+)", text):
             assert n in sections, f"{f} cites docs/semantics.md §{n}, which does not exist"
     assert offenders == [], f"these cite the spec outside the repository: {offenders}"
-    assert all((REPO / f).exists() for f in PENDING_SPEC_REFERENCES)

@@ -1,4 +1,4 @@
-"""Cost model of a decode run and the greedy search for a three-phase plan (SPEC §1).
+"""Cost model of a decode run and the greedy search for a three-phase plan (docs/semantics.md §1).
 
 Predicted time of a run = Σ over decode steps j of Tc_j (weights + attention over the
 device-resident KV) + Tm_j (bytes moved between tiers / measured copy bandwidth) +

@@ -226,7 +226,7 @@ class Engine:
     policy : Policy or str
         The KV policy (the same object the accuracy path uses); a name takes ``policy_kwargs``.
     prefill : {"dense", "sparse"}
-        How the prompt attends (SPEC §3.2).
+        How the prompt attends (docs/semantics.md §3, path 2).
     plan : Plan
         Tier schedule; the default keeps everything on the device (Phase I).
     int8 : bool

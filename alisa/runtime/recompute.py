@@ -1,4 +1,4 @@
-"""Recompute K, V of tokens from their stored attention inputs (SPEC §4).
+"""Recompute K, V of tokens from their stored attention inputs (docs/semantics.md §4).
 
 ``x`` is the hidden state that enters a layer's attention module (after the layer's input
 norm where the layer has one): then ``K = RoPE(W_k·x + b_k)``, ``V = W_v·x + b_v``, with the

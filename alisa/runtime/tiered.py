@@ -7,7 +7,7 @@ in :class:`~alisa.kvstore.SlotStore`); each slot's data lives in one place (``ti
 * ``DEVICE``: K, V in the device :class:`Pool` (where attention runs: cuda, else cpu);
 * ``HOST``: K, V in the host pool (CPU memory); fetched to the device when selected;
 * ``GONE``: K, V deleted; only the token's attention input ``x`` is kept (host x pool)
-  and K, V are recomputed on the device when the token is selected (SPEC §4).
+  and K, V are recomputed on the device when the token is selected (docs/semantics.md §4).
 
 ``loc`` / ``xloc`` give the slot's column in its pool. Pools allocate columns for the
 whole batch at once (amortised) and compact when full; every byte that crosses tiers is a
@@ -29,7 +29,7 @@ DEVICE, HOST, GONE = 0, 1, 2
 
 @dataclass(frozen=True)
 class Plan:
-    """Three-phase schedule (SPEC §1, Algorithm 2), in decode steps.
+    """Three-phase schedule (docs/semantics.md §1, Algorithm 2), in decode steps.
 
     Phase I before ``p1``: all KV on the device. Phase II from ``p1``: the fraction
     ``alpha`` of the non-local KV lives on the host (the local window, the policy's k most
