@@ -100,7 +100,7 @@ if numba is not None:
         return count
 
     @njit(cache=True)
-    def _softmax(probs, logits, idx, m, row):
+    def _softmax(probs, logits, scale, idx, m, row):
         """probs[h] = softmax over the columns idx[:m] of logits[h] (zero elsewhere);
         row[c] = Σ_h probs[h, c] for those columns."""
         H = logits.shape[0]
@@ -110,12 +110,12 @@ if numba is not None:
         for h in range(H):
             mx = -np.inf
             for j in range(m):
-                v = logits[h, idx[j]]
+                v = logits[h, idx[j]] * scale  # float32 x float32, rounded as PyTorch rounds it
                 if v > mx:
                     mx = v
             s = 0.0
             for j in range(m):
-                e = np.exp(np.float32(logits[h, idx[j]] - mx))
+                e = np.exp(np.float32(logits[h, idx[j]] * scale - mx))
                 probs[h, idx[j]] = e
                 s += e
             inv = 1.0 / s
@@ -125,16 +125,16 @@ if numba is not None:
                 probs[h, c] = p
                 row[c] += p
 
-    _A = "float32[:,:,:,:], int64[:,:], int64[:,:], int64, int64, int64, int64, boolean, int64, boolean[:,:,:]"
+    _A = "float32[:,:,:,:], float32, int64[:,:], int64[:,:], int64, int64, int64, int64, boolean, int64, boolean[:,:,:]"
     _SIGS = [f"void(int64, {_A}, float64[:,:], {elig}[:,:], float32[:,:,:], int64[:,:], float32[:,:,:,:], boolean[:,:,:])"
              for elig in ("boolean", "int32")]  # h2o, swa; one layout ('A') each: two compilations in all
 
     @njit(_SIGS, cache=True, parallel=True)
-    def run(kind, logits, pos, qpos, p, q, budget, window, dense_all, mode, given,
+    def run(kind, logits, scale, pos, qpos, p, q, budget, window, dense_all, mode, given,
             score, elig, ring, ring_q, probs, keep_out):
         """One block of queries, every row of the batch in parallel.
 
-        logits (B, H, Q, C) float32 (unused when mode == 1), pos (B, C) int64, qpos (B, Q)
+        logits (B, H, Q, C) float32, unscaled (unused when mode == 1), pos (B, C) int64, qpos (B, Q)
         int64 (-1: padding query). mode 0: select, softmax, observe; 1: select only (into
         keep_out); 2: softmax + observe of the selection ``given`` (B, Q, C).
         State: h2o: score = acc (B, C) f64, elig = evicted (B, C) bool; swa: score = S (B, C)
@@ -156,7 +156,7 @@ if numba is not None:
                     if mode != 1:
                         for c in range(C):
                             idx[c] = c
-                        _softmax(probs[b, :, i], logits[b, :, i], idx, C, row)
+                        _softmax(probs[b, :, i], logits[b, :, i], scale, idx, C, row)
                     continue
                 k = _half(t + 1, p, q, budget)
                 if mode == 2:
@@ -170,7 +170,7 @@ if numba is not None:
                     if keep[c]:
                         idx[m] = c
                         m += 1
-                _softmax(probs[b, :, i], logits[b, :, i], idx, m, row)
+                _softmax(probs[b, :, i], logits[b, :, i], scale, idx, m, row)
                 # observe: the row (zero outside the selection) enters the policy state
                 if kind == H2O:
                     for j in range(m):

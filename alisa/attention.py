@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +74,7 @@ def attend_with_feedback(
     pos: torch.Tensor,
     q_pos: torch.Tensor,
     logits: torch.Tensor | None,
+    scale: float = 1.0,
     *,
     keep: torch.Tensor | None = None,
     dense: bool = False,
@@ -81,7 +83,7 @@ def attend_with_feedback(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The one select → softmax → observe step, for a block of queries in order.
 
-    logits (B, H_kv, G, Q, C) float32, already scaled, of the queries at ``q_pos`` (B, Q;
+    logits (B, H_kv, G, Q, C) float32 (multiplied by ``scale`` here: one pass less) of the queries at ``q_pos`` (B, Q;
     -1 = padding) against the slots at ``pos`` (B, C): every key the step may attend,
     whatever its tier (the runtime passes device-resident, fetched and recomputed keys in
     slot order). Each query selects its keys (``dense``: all causal keys), attends them with
@@ -102,7 +104,7 @@ def attend_with_feedback(
     if observing:
         policy.prepare(state, int(q_pos.max()) + 1 if n_max is None else n_max)
     if observing and route(policy, pos, logits) == "compiled":
-        return _compiled(policy, state, pos, q_pos, logits, keep, dense, sliding_window)
+        return _compiled(policy, state, pos, q_pos, logits, scale, keep, dense, sliding_window)
 
     def allowed(sel: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return sel if sliding_window is None else sel & (t - pos < sliding_window)  # the model's own window
@@ -121,7 +123,7 @@ def attend_with_feedback(
         if logits is None:
             continue
         attend = k_i | (t < 0)[:, None]
-        p = torch.softmax(logits[:, :, :, i].masked_fill(~attend[:, None, None], float("-inf")), dim=-1)
+        p = torch.softmax((logits[:, :, :, i] * scale).masked_fill(~attend[:, None, None], float("-inf")), dim=-1)
         probs[:, :, :, i] = p
         if observing:
             row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, C)
@@ -129,7 +131,7 @@ def attend_with_feedback(
     return probs, torch.stack(keeps, 1)
 
 
-def _compiled(policy, state, pos, q_pos, logits, keep, dense, sliding_window):
+def _compiled(policy, state, pos, q_pos, logits, scale, keep, dense, sliding_window):
     """:func:`attend_with_feedback` on the numba route (same arguments, same results)."""
     from . import _fast
 
@@ -147,7 +149,7 @@ def _compiled(policy, state, pos, q_pos, logits, keep, dense, sliding_window):
         probs = torch.empty(B, Hkv * G, Q, C, dtype=torch.float32)  # the kernel writes every entry
     keep_out = torch.empty(B, Q, C, dtype=torch.bool)
     given = keep.contiguous() if keep is not None else keep_out
-    _fast.run(policy.kernel, _np(lg), _np(pos), _np(q_pos), policy._p, policy._q,
+    _fast.run(policy.kernel, _np(lg), np.float32(scale), _np(pos), _np(q_pos), policy._p, policy._q,
               -1 if policy.budget is None else policy.budget, -1 if sliding_window is None else sliding_window,
               bool(dense), mode, _np(given), _np(score), _np(elig), _np(ring), _np(ring_q), _np(probs), _np(keep_out))
     return (None if logits is None else probs.view(B, Hkv, G, Q, C)), keep_out
@@ -199,8 +201,8 @@ def policy_attention(
     outs, keeps = [], []
     for i0 in range(0, Q, OBSERVE_BLOCK):  # logits of a block of queries at a time: bounded memory
         i1 = min(Q, i0 + OBSERVE_BLOCK)
-        logits = grouped_logits(query[:, :, i0:i1], key, scaling)  # (B, Hkv, G, block, C)
-        probs, keep = attend_with_feedback(policy, store.state, pos, q_pos[:, i0:i1], logits, dense=dense,
+        logits = grouped_logits(query[:, :, i0:i1], key)  # (B, Hkv, G, block, C)
+        probs, keep = attend_with_feedback(policy, store.state, pos, q_pos[:, i0:i1], logits, scaling, dense=dense,
                                            sliding_window=sliding_window, n_max=store.seen)
         out = torch.matmul(probs.to(value.dtype).view(B, Hkv, G * (i1 - i0), -1), value)  # (B, Hkv, G*block, Dv)
         outs.append(out.view(B, Hkv, G, i1 - i0, -1))
@@ -210,8 +212,8 @@ def policy_attention(
     return torch.cat(outs, 3).reshape(B, Hq, Q, -1).transpose(1, 2)
 
 
-def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """float32 logits (B, H_kv, G, Q, C) of query (B, H_q, Q, D) against key (B, H_kv, C, D).
+def grouped_logits(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Unscaled float32 logits (B, H_kv, G, Q, C) of query (B, H_q, Q, D) against key (B, H_kv, C, D).
 
     Grouped-query heads share their key head through one batched matmul over
     (B, H_kv): the keys are read once, never repeated in memory.
@@ -220,4 +222,4 @@ def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> to
     Hkv = key.shape[1]
     G = Hq // Hkv
     logits = torch.matmul(query.reshape(B, Hkv, G * Q, D), key.transpose(-1, -2))
-    return logits.float().view(B, Hkv, G, Q, -1) * scaling
+    return logits.float().view(B, Hkv, G, Q, -1)

@@ -372,7 +372,7 @@ class TieredStore:
             logits.scatter_(-1, expand(idx), torch.where(valid[:, None, None], torch.matmul(q, k.transpose(-1, -2)),
                                                          logits.gather(-1, expand(idx))))
             parts.append((v, idx, valid))
-        probs = attend_with_feedback(policy, self.state, pos, q_pos, (logits.float() * scale)[:, :, :, None],
+        probs = attend_with_feedback(policy, self.state, pos, q_pos, logits.float()[:, :, :, None], scale,
                                      keep=keep, n_max=n_max)[0][:, :, :, 0]  # (B, Hkv, G, C)
         on_dev = sel & (self.tier == DEVICE)
         p_dev = probs.new_zeros(B, Hkv, G, Ud + 1).scatter_(-1, expand(torch.where(on_dev, self.loc, Ud)), probs)
