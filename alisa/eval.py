@@ -955,8 +955,10 @@ def _os_error_line(e: OSError, run_dir: Path) -> str:
     name = errno.errorcode.get(e.errno, "") if e.errno else ""
     what = f"{e.strerror or e}" + (f" [{name}]" if name else "")
     where = f" writing {str(e.filename)!r}" if e.filename else ""
-    return (f"error: the run stopped: {what}{where}; finished records are kept in {str(run_dir)!r} and nothing "
-            "half-written is left: free space (or set results_dir= to a writable folder) and rerun the same command")
+    kept = (f"finished records are kept in {str(run_dir)!r}, nothing half-written" if run_dir.is_dir()
+            else "nothing was written")
+    return (f"error: the run stopped: {what}{where}; {kept}: allowed is a results_dir= with free space (then rerun "
+            "the same command)")
 
 
 def _error_line(e: BaseException, cfg) -> tuple[str, int]:
@@ -992,6 +994,7 @@ def hydra_task(cfg) -> None:
                 sys.exit(code)
             # Hydra marks the job failed, runs the others, and re-raises the first failure in the launcher
             # (main prints it there unless this job already printed it on the same terminal).
+            line = f"error: multirun job {HydraConfig.get().job.num}: {line.removeprefix('error: ')}"
             if os.environ.get(_STDERR_ENV) == _stderr_id():
                 print(line, file=sys.stderr, flush=True)
                 e.alisa_printed = True
@@ -1031,6 +1034,8 @@ def _main() -> int:
     if own_errors:  # Hydra re-raises instead of printing a trimmed traceback: one line here
         os.environ["HYDRA_FULL_ERROR"] = "1"
     os.environ[_STDERR_ENV] = _stderr_id()
+    stderr = sys.stderr
+    sys.stderr = _NoHydraJobLines(stderr)  # each failed job has its own line already
     try:
         hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(hydra_task)()
     except Exception as e:  # noqa: BLE001 - everything that reaches the user is one line
@@ -1049,7 +1054,25 @@ def _main() -> int:
         if not getattr(e, "alisa_printed", False):
             print(line, file=sys.stderr, flush=True)
         return code
+    finally:
+        sys.stderr = stderr
     return 0
+
+
+class _NoHydraJobLines:
+    """stderr without Hydra's "Error executing job with overrides: [...]" (a multirun job that failed has printed
+    its own one-line error, naming its job number and what failed)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if text.startswith("Error executing job with overrides:"):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _first_line(e: BaseException) -> str:

@@ -15,6 +15,7 @@ import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -159,9 +160,15 @@ def _main(argv: list[str] | None) -> int:
     probe = out.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if out.is_dir() or not probe.is_dir() or not os.access(probe, os.W_OK):
-        print(f"error: --out={str(out)!r} cannot be written (in {str(probe)!r}): allowed is a writable file path",
-              file=sys.stderr)
+    try:
+        if out.is_dir() or not probe.is_dir():
+            raise IsADirectoryError(21, "a folder" if out.is_dir() else "not a folder")
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-probe-")  # creates nothing that stays
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        print(f"error: --out={str(out)!r} cannot be written ({e.strerror}: {str(probe)!r}): allowed is a writable "
+              "file path", file=sys.stderr)
         return 2
     from .models import load_model
 
