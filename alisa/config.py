@@ -9,7 +9,6 @@ what is allowed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re

@@ -19,6 +19,14 @@ Sweeps are resumable and fault tolerant:
 - Hydra multirun jobs (joblib, submitit/SLURM) write into the same folder; a lock per
   (point, task) keeps two jobs from computing the same one at the same time.
 
+The command line (issue 11): bad input is one line ``error: <what> <value>: allowed <...>`` on
+stderr and exit 2, before the model loads and before anything is written (also keys added with
+``+`` that the schema lacks, unknown group options, and every job of a multirun); a run that
+failed is one line and exit 1 (a multirun: one per failed job); Ctrl-C is one line and exit 130.
+A run that stops before its first record removes the folders it created. The console shows
+alisa's progress, log lines and results; third-party log lines and progress bars go only to
+``<run folder>/logs/<time>-<host>-<pid>.log`` unless ``-v`` (``verbose=true``).
+
 Testing hook: ``ALISA_FAIL_POINTS=<substring>[,<substring>...]`` makes every
 (point, task) whose ``<point id>__<task>`` contains one of them raise instead of running.
 """

@@ -9,7 +9,6 @@ the FLOP rate of recomputing K, V, and the capacities. Saves
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -177,7 +176,13 @@ def _main(argv: list[str] | None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    prof = measure(model, a.model, model.dtype, torch.device(a.device))
+    try:
+        prof = measure(model, a.model, model.dtype, torch.device(a.device))
+    except (RuntimeError, MemoryError) as e:  # out of memory and the like: nothing was saved
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: measuring --model={a.model!r} on {a.device} failed ({type(e).__name__}: {first}); nothing was "
+              "saved", file=sys.stderr)
+        return 1
     try:
         write_json(out, prof.to_dict())  # atomic: a failed write leaves no partial file
     except OSError as e:
