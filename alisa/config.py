@@ -112,10 +112,12 @@ DEVICES = ("cpu", "cuda")
 
 def grid_points(grid: GridConf) -> list[dict]:
     """Expand the grid: [{'policy', 'sparsity', 'budget'}], dense once."""
+    from .policies import REGISTRY
+
     points: list[dict] = []
     for name in grid.policies:
-        if name == "dense":
-            points.append({"policy": "dense", "sparsity": 0.0, "budget": None})
+        if not REGISTRY[name].takes_budget:  # dense: one point
+            points.append({"policy": name, "sparsity": 0.0, "budget": None})
             continue
         points += [{"policy": name, "sparsity": float(s), "budget": None} for s in grid.sparsities]
         points += [{"policy": name, "sparsity": None, "budget": int(b)} for b in grid.budgets]
@@ -126,7 +128,9 @@ def policy_kwargs(p: dict) -> dict:
     """make_policy keyword arguments of a grid point."""
     if p["budget"] is not None:
         return {"budget": p["budget"]}
-    return {} if p["policy"] == "dense" else {"sparsity": p["sparsity"]}
+    from .policies import REGISTRY
+
+    return {"sparsity": p["sparsity"]} if REGISTRY[p["policy"]].takes_budget else {}
 
 
 def point_id(p: dict) -> str:
@@ -405,4 +409,10 @@ def validate(cfg, machine: bool = True) -> list[dict]:
         if not data.is_dir():
             raise ConfigError(f"data folder {str(data)!r} does not exist: run `python -m alisa.data prepare` "
                               "(or set data_dir= / $ALISA_DATA_DIR)")
+        from .data import DataError, verify
+
+        try:
+            verify(data)  # an empty, half-prepared or corrupt folder is named before the model loads
+        except DataError as e:
+            raise ConfigError(str(e)) from None
     return points

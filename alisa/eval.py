@@ -291,7 +291,9 @@ class ThroughputRunner:
         return [f"tput-{s}-b{b}" for s in cfg.throughput.systems for b in cfg.throughput.batches]
 
     def applies(self, point: dict, task: str) -> bool:
-        return self.parse(task)[0] == "engine" or point["policy"] == "dense"
+        from .policies import REGISTRY
+
+        return self.parse(task)[0] == "engine" or not REGISTRY[point["policy"]].takes_budget  # baselines: once
 
     def identity(self, cfg, point: dict, task: str) -> dict:
         tc = cfg.throughput
@@ -313,7 +315,9 @@ class ThroughputRunner:
         tc = cfg.throughput
         system, batch = self.parse(task)
         model, tok = get_model(cfg.model)
-        key = (cfg.model.name, cfg.model.dtype, cfg.model.device, batch, tc.prompt, cfg.seed)
+        hf = cfg.model.get("hf_config")
+        hf = json.dumps(OmegaConf.to_container(hf) if OmegaConf.is_config(hf) else hf, sort_keys=True, default=str)
+        key = (cfg.model.name, cfg.model.dtype, cfg.model.device, hf, batch, tc.prompt, cfg.seed)
         ids = workload_prompts(tok, batch, tc.prompt, seed=cfg.seed, vocab=model.config.vocab_size)
         prefill = tc.prefill or cfg.grid.prefill
         pol = make_policy(point["policy"], **policy_kwargs(point))
@@ -498,12 +502,16 @@ def _lock(path: Path, wait: bool):
 
 def _read_record(path: Path) -> dict | None:
     try:
-        return read_json(path)
+        rec = read_json(path)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         log.warning("unreadable record %s (%s): recomputing it", path, e)
         return None
+    if not isinstance(rec, dict):
+        log.warning("record %s is not a JSON object: recomputing it", path)
+        return None
+    return rec
 
 
 def _supersede(run_dir: Path, stem: str, keep: Path) -> None:

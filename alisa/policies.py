@@ -92,6 +92,7 @@ class Policy(abc.ABC):
     stateful: ClassVar[bool] = False
     kernel: ClassVar[int | None] = None  # the compiled route's kind (alisa._fast), None: reference route only
     attends_all_at_prefill: ClassVar[bool] = False  # the prompt attends fully whatever ``prefill`` says
+    takes_budget: ClassVar[bool] = True  # False: no sparsity or budget (one grid point, where baselines run)
 
     def __init__(self, sparsity: float | None = None, budget: int | None = None):
         if (sparsity is None) == (budget is None) and self.name != "dense":
@@ -200,6 +201,7 @@ class Dense(Policy):
 
     name = "dense"
     attends_all_at_prefill = True
+    takes_budget = False
 
     def __init__(self, sparsity: float | None = None, budget: int | None = None):
         if budget is not None or (sparsity not in (None, 0, 0.0)):
