@@ -94,8 +94,12 @@ def attend_with_feedback(
     then call again with ``keep=`` that selection. ``n_max``: a bound on ``q_pos + 1``
     known on the host (sizes the policy's state without reading the device).
 
-    Returns probs (B, H_kv, G, Q, C) float32 (zero outside the selection; a padding query
-    attends every slot, its output unused) or None, and the selection keep (B, Q, C).
+    The logits may cover only the first ``C' <= C`` slots when no query of the block can
+    attend a later one (the accuracy path's causal blocks): the step then reads and writes
+    only those columns.
+
+    Returns probs (B, H_kv, G, Q, C') float32 (zero outside the selection; a padding query
+    attends every slot, its output unused) or None, and the selection keep (B, Q, C').
     """
     B, Q = q_pos.shape
     if logits is None and Q != 1:
@@ -105,6 +109,10 @@ def attend_with_feedback(
         policy.prepare(state, int(q_pos.max()) + 1 if n_max is None else n_max)
     if observing and route(policy, pos, logits) == "compiled":
         return _compiled(policy, state, pos, q_pos, logits, scale, keep, dense, sliding_window)
+    C = pos.shape[1]
+    cols = C if logits is None else logits.shape[-1]
+    if cols < C:  # later slots are never attended by these queries (their rows are zero there)
+        logits = F.pad(logits, (0, C - cols))
 
     def allowed(sel: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return sel if sliding_window is None else sel & (t - pos < sliding_window)  # the model's own window
@@ -128,7 +136,8 @@ def attend_with_feedback(
         if observing:
             row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, C)
             policy.observe(state, pos, t, k_i, row)
-    return probs, torch.stack(keeps, 1)
+    keep = torch.stack(keeps, 1)[..., :cols]
+    return (None if probs is None else probs[..., :cols]), keep
 
 
 def _compiled(policy, state, pos, q_pos, logits, scale, keep, dense, sliding_window):
@@ -136,10 +145,13 @@ def _compiled(policy, state, pos, q_pos, logits, scale, keep, dense, sliding_win
     from . import _fast
 
     B, Q = q_pos.shape
-    C = pos.shape[1]
+    C = pos.shape[1] if logits is None else logits.shape[-1]  # slots this block may attend: a prefix
     score, elig, ring, ring_q = policy.kernel_state(state)
+    pos, score, elig = pos[:, :C], score[:, :C], elig[:, :C]
     if ring is None:
         ring, ring_q = _NO_RING
+    else:
+        ring = ring[:, :, :C]  # a ring row is zero past its query's own slot, so the prefix is the row
     mode = 1 if logits is None else (2 if keep is not None else 0)
     if logits is None:
         lg = probs = _NO_PROBS
@@ -198,17 +210,18 @@ def policy_attention(
 
     # Stateful: each query's selection depends on the rows of the queries before it.
     G = Hq // Hkv
-    outs, keeps = [], []
+    outs = []
+    C = pos.shape[1]
     for i0 in range(0, Q, OBSERVE_BLOCK):  # logits of a block of queries at a time: bounded memory
         i1 = min(Q, i0 + OBSERVE_BLOCK)
-        logits = grouped_logits(query[:, :, i0:i1], key)  # (B, Hkv, G, block, C)
+        cend = C - Q + i1  # the chunk is the last Q slots: later slots hold keys after every query of the block
+        logits = grouped_logits(query[:, :, i0:i1], key[:, :, :cend])  # (B, Hkv, G, block, cend)
         probs, keep = attend_with_feedback(policy, store.state, pos, q_pos[:, i0:i1], logits, scaling, dense=dense,
                                            sliding_window=sliding_window, n_max=store.seen)
-        out = torch.matmul(probs.to(value.dtype).view(B, Hkv, G * (i1 - i0), -1), value)  # (B, Hkv, G*block, Dv)
+        out = torch.matmul(probs.to(value.dtype).view(B, Hkv, G * (i1 - i0), -1), value[:, :, :cend])  # (B, Hkv, G*block, Dv)
         outs.append(out.view(B, Hkv, G, i1 - i0, -1))
-        keeps.append(keep)
-    if stats is not None:
-        stats.add(layer, torch.cat(keeps, 1), q_pos)
+        if stats is not None:
+            stats.add(layer, keep, q_pos[:, i0:i1])
     return torch.cat(outs, 3).reshape(B, Hq, Q, -1).transpose(1, 2)
 
 
