@@ -443,7 +443,7 @@ class SWA(TwoPart):
         R = ring.shape[1]
         if need <= R:
             return
-        R2 = max(need, 2 * R)
+        R2 = max(need, R + max(16, R // 8))  # k grows by one every ~2/r tokens: a small margin, not 2x memory
         B, _, C = ring.shape
         # Re-home row q from q mod R to q mod R2; empty rows go to a spare row R2, dropped after.
         dest = torch.where(ring_q >= 0, ring_q % R2, R2)

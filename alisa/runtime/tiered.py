@@ -299,7 +299,7 @@ class TieredStore:
             pool.free(self.loc.gather(1, idx), valid)
         idx, valid = rows_of(gone & (self.xloc >= 0))
         self.xs.free(self.xloc.gather(1, idx), valid)
-        self.pos = torch.where(gone, -1, self.pos)
+        self.pos.masked_fill_(gone, -1)  # in place: the slot buffers keep their spare capacity
         self._compact_pools()
         live = self.pos >= 0
         if 2 * int(live.sum(1).max()) < self.used:
