@@ -156,7 +156,7 @@ def _compiled(policy, state, pos, q_pos, logits, scale, keep, dense, sliding_win
     if logits is None:
         lg = probs = _NO_PROBS
     else:
-        Bl, Hkv, G, _, _ = logits.shape
+        _, Hkv, G, _, _ = logits.shape
         lg = logits.detach().reshape(B, Hkv * G, Q, C)
         probs = torch.empty(B, Hkv * G, Q, C, dtype=torch.float32)  # the kernel writes every entry
     keep_out = torch.empty(B, Q, C, dtype=torch.bool)

@@ -269,7 +269,7 @@ def _children(name: str) -> list[int]:
     return out
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the one-line refusal of model.device=cuda where no GPU exists; a GPU machine runs the job instead")
 def test_cuda_job_in_a_multirun_fails_before_any_job(tmp_path):
     r, results = bad_eval(tmp_path, "-m", "model.device=cuda", "grid.policies=dense,local")
     assert_one_line(r, 2, "model.device='cuda'", "no CUDA GPU is available here", "use model.device=cpu",

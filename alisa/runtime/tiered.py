@@ -337,7 +337,7 @@ class TieredStore:
         B, Hq, _, D = query.shape
         dev = self.dev.view(query.dtype)
         kd, vd = dev["k"], dev["v"]
-        Hkv, Ud, C = kd.shape[1], kd.shape[2], self.used
+        Hkv, Ud = kd.shape[1], kd.shape[2]
         G = Hq // Hkv
         q = query.reshape(B, Hkv, G, D)
         # logits over the logical slots: device columns read in place, other tiers filled in below
