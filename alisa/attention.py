@@ -68,6 +68,15 @@ def route(policy: Policy, pos: torch.Tensor, logits: torch.Tensor | None = None)
     return "compiled"
 
 
+def select_stateless(policy: Policy, pos: torch.Tensor, t: torch.Tensor, state: PolicyState | None,
+                     query: torch.Tensor | None) -> torch.Tensor:
+    """A stateless policy's selection; a query-aware one (``needs_qk``, e.g. quest) also gets the
+    store's state (its page bounds) and the queries. [issue 12 hook]"""
+    if getattr(policy, "needs_qk", False):
+        return policy.select(pos, t, state, query=query)
+    return policy.select(pos, t, None)
+
+
 def attend_with_feedback(
     policy: Policy,
     state: PolicyState | None,
@@ -80,6 +89,7 @@ def attend_with_feedback(
     dense: bool = False,
     sliding_window: int | None = None,
     n_max: int | None = None,
+    query: torch.Tensor | None = None,  # (B, H_q, Q, D), for a query-aware policy (needs_qk: quest) [issue 12 hook]
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The one select → softmax → observe step, for a block of queries in order.
 
@@ -126,7 +136,8 @@ def attend_with_feedback(
         elif dense or (policy.stateful and not observing):  # sparsity 0: every row is dense
             k_i = allowed(causal(pos, t[:, None]), t[:, None])
         else:
-            k_i = allowed(policy.select(pos, t, state) if policy.stateful else policy.select(pos, t[:, None], None), t[:, None])
+            k_i = allowed(policy.select(pos, t, state) if policy.stateful else
+                          select_stateless(policy, pos, t[:, None], state, None if query is None else query[:, :, i:i + 1]), t[:, None])
         keeps.append(k_i)
         if logits is None:
             continue
@@ -198,7 +209,7 @@ def policy_attention(
 
     if not (policy.stateful and policy.needs_rows):  # every query's keys are known up front: one SDPA
         pos_b, t = pos[:, None, :], q_pos[:, :, None]  # (B, 1, C), (B, Q, 1)
-        keep = causal(pos_b, t) if dense or policy.stateful else policy.select(pos_b, t, None)
+        keep = causal(pos_b, t) if dense or policy.stateful else select_stateless(policy, pos_b, t, store.state, query)
         if sliding_window is not None:
             keep = keep & (t - pos_b < sliding_window)  # the model's own window
         if stats is not None:

@@ -54,6 +54,8 @@ class SlotStore:
         self.pos[:, u:u + Q] = pos
         if self.state is not None:
             self.state.append(Q)
+        if getattr(self.policy, "needs_qk", False):  # quest: page bounds of the keys [issue 12 hook]
+            self.policy.observe_keys(self.state, key, pos)
         self.used += Q
         self.seen += Q
 

@@ -518,3 +518,6 @@ def make_policy(name: str, sparsity: float | None = None, budget: int | None = N
         allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "sparsity", "budget")]
         raise ValueError(f"policy {name!r} has no hyperparameter {', '.join(map(repr, params))}: "
                          f"allowed are {', '.join(allowed) or 'none'}") from None
+
+
+from . import policies_more  # noqa: E402,F401  (tova, snapkv, quest register themselves; imported last: it imports this module)

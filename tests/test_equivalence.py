@@ -16,6 +16,12 @@ POLICY_SETTINGS = [
     ("swa", dict(sparsity=0.8)),
     ("swa", dict(sparsity=0.5)),
     ("swa", dict(budget=9)),
+    ("tova", dict(budget=9)),
+    pytest.param("tova", dict(sparsity=0.8), marks=pytest.mark.slow),
+    ("snapkv", dict(sparsity=0.7, window=4, prompt=20)),  # prompt=: the same prompt whatever the split
+    pytest.param("snapkv", dict(budget=9, window=4, pool=3, prompt=20), marks=pytest.mark.slow),
+    ("quest", dict(sparsity=0.5, page_size=4)),
+    pytest.param("quest", dict(budget=9, page_size=4), marks=pytest.mark.slow),
 ]
 T = 40
 SPLITS = (1, 13, 30)
@@ -33,7 +39,8 @@ def decode(model, ids, mask, split, **kw):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name,kw", POLICY_SETTINGS, ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for n, kw in POLICY_SETTINGS])
+@pytest.mark.parametrize("name,kw", POLICY_SETTINGS, ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in kw.items())}"
+                                                         for n, kw in (getattr(s, "values", s) for s in POLICY_SETTINGS)])
 def test_simulation_equals_decode(family_model, name, kw):
     ids, mask = padded_batch(T)
     real = mask.bool()
@@ -75,7 +82,7 @@ def test_generate_uses_evicting_cache(family_model):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["local", "sinks", "h2o", "swa"])
+@pytest.mark.parametrize("name", ["local", "sinks", "h2o", "swa", "tova", "snapkv"])
 def test_dense_prefill(family_model, name):
     """prefill=dense: the prompt attends fully (its logits are the unmodified model's); then the policy runs."""
     ids, mask = padded_batch(T)

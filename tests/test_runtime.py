@@ -12,7 +12,8 @@ from conftest import padded_batch, tiny_model
 
 NEW = 10
 POLICIES = [("dense", {}), ("swa", {"sparsity": 0.5}), ("h2o", {"sparsity": 0.5}), ("local", {"sparsity": 0.5}),
-            ("sinks", {"sparsity": 0.7})]
+            ("sinks", {"sparsity": 0.7}), ("tova", {"sparsity": 0.5}), ("snapkv", {"sparsity": 0.5, "window": 4}),
+            ("quest", {"sparsity": 0.5, "page_size": 4})]
 
 
 def core_generate(model, ids, mask, policy, prefill, kw):

@@ -283,6 +283,8 @@ class TieredStore:
         for slots in (self.slots, self.state):
             if slots is not None:
                 slots.append(1)  # zeros: tier DEVICE, empty policy state
+        if getattr(self.policy, "needs_qk", False):  # quest: page bounds of the new keys [issue 12 hook]
+            self.policy.observe_keys(self.state, k, pos)
         self.pos[:, -1:] = pos
         self.loc[:, -1:] = cols
         self.xloc[:, -1:] = -1
@@ -330,7 +332,7 @@ class TieredStore:
         them with one softmax and feed the row back (:func:`~alisa.attention.attend_with_feedback`,
         the same step as the core cache's). Returns (B, 1, H_q, D_v)."""
         policy, pos, q_pos = self.policy, self.pos, t[:, None]
-        keep = attend_with_feedback(policy, self.state, pos, q_pos, None, n_max=n_max)[1]  # (B, 1, C)
+        keep = attend_with_feedback(policy, self.state, pos, q_pos, None, n_max=n_max, query=query)[1]  # (B, 1, C); query: issue 12 hook (quest)
         sel = keep[:, 0]
         if stats is not None:
             stats.add(layer, keep, q_pos)
