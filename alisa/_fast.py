@@ -1,12 +1,15 @@
-"""Compiled (numba) route of the stateful select → softmax → observe recurrence, for CPU tensors.
+"""Compiled (numba) route of the stateful select → attend → observe recurrence, for CPU tensors.
 
 The same function as the pure-PyTorch reference route in :mod:`alisa.attention` (the
 semantics in ``docs/semantics.md``): for each query of a block, in order, select the keys
 (the k most recent plus the top-k of the policy's score among eligible keys, ties to the
-more recent slot; a dense row when 2k >= n), softmax the given logits over them, sum the
-probabilities over heads and feed that row back into the policy state, so the next
-query's selection sees it. One query costs O(C + H·K) scalar work instead of ~40-130
-PyTorch calls; top-k is an O(C) partition with the tie rule resolved at the threshold.
+more recent slot; a dense row when 2k >= n), attend those keys only (q·k, one softmax, P·V:
+O(H·K·D) work where a dense matmul costs O(H·C·D)), sum the probabilities over heads and
+feed that row back into the policy state, so the next query's selection sees it. Top-k is
+an O(C) partition with the tie rule resolved at the threshold. The reference route computes
+the logits with one matmul; here they are float32 dot products in another order, so logits
+differ by float rounding (~1e-7 relative) and a near-tie can in principle flip a selection
+(measured: none of 789,690 on SmolLM2, ``scripts/bench_core.py``).
 
 Everything here works on numpy views of the torch tensors (``Tensor.numpy()`` shares
 memory): the policy state is updated in place. ``available()`` says whether numba
@@ -31,7 +34,7 @@ try:  # pragma: no cover - exercised by the fallback test
 except ImportError:  # pragma: no cover
     numba = None
 
-H2O, SWA = 0, 1  # kernel kinds; the state arrays each one uses are listed in run()
+H2O, SWA = 0, 1  # kernel kinds; the state arrays each one uses are listed in attend()
 
 
 def available() -> bool:
@@ -50,8 +53,34 @@ if numba is not None:
         return max(1, k)
 
     @njit(cache=True)
+    def _kth_smallest(a, m, kth):
+        """The kth smallest (0-based) of a[:m], in place (Hoare's selection, no allocation):
+        afterwards a[:kth] <= a[kth] <= a[kth + 1:m]."""
+        lo, hi = 0, m - 1
+        while lo < hi:
+            x, y, z = a[lo], a[(lo + hi) >> 1], a[hi]
+            pivot = max(min(x, y), min(max(x, y), z))  # median of three
+            i, j = lo, hi
+            while i <= j:
+                while a[i] < pivot:
+                    i += 1
+                while a[j] > pivot:
+                    j -= 1
+                if i <= j:
+                    a[i], a[j] = a[j], a[i]
+                    i += 1
+                    j -= 1
+            if kth <= j:
+                hi = j
+            elif kth >= i:
+                lo = i
+            else:
+                break
+        return a[kth]
+
+    @njit(cache=True)
     def _select(keep, pos, t, k, score, elig, kind, window, dense_all, scratch):
-        """keep[:] = the keys of the query at t (bool row over C slots). Returns the count."""
+        """keep[:] = the keys of the query at t (bool row over C slots); ``scratch`` is reordered."""
         C = pos.shape[0]
         n = t + 1
         if dense_all or 2 * k >= n:
@@ -73,10 +102,9 @@ if numba is not None:
                 thr = -np.inf
                 need = m
             else:  # the k-th largest score; ties at it go to the more recent slots
-                part = np.partition(scratch[:m], m - k)
-                thr = part[m - k]
+                thr = _kth_smallest(scratch, m, m - k)
                 greater = 0
-                for j in range(m):
+                for j in range(m - k + 1, m):  # after the partition: the larger ones sit above m - k
                     if scratch[j] > thr:
                         greater += 1
                 need = k - greater
@@ -91,90 +119,143 @@ if numba is not None:
                         elif s == thr and need > 0:
                             keep[c] = True
                             need -= 1
-        count = 0
-        for c in range(C):
-            if keep[c] and window >= 0 and t - pos[c] >= window:
-                keep[c] = False
-            if keep[c]:
-                count += 1
-        return count
+        if window >= 0:  # the model's own sliding window
+            for c in range(C):
+                if keep[c] and t - pos[c] >= window:
+                    keep[c] = False
 
-    @njit(cache=True)
-    def _softmax(probs, logits, scale, idx, m, row):
-        """probs[h] = softmax over the columns idx[:m] of logits[h] (zero elsewhere);
-        row[c] = Σ_h probs[h, c] for those columns."""
-        H = logits.shape[0]
-        probs[:, :] = 0.0
+    _LOG2E = np.float32(1.4426950408889634)
+    _LN2_HI = np.float32(0.693359375)
+    _LN2_LO = np.float32(-2.12194440e-4)
+
+    @njit(cache=True, fastmath={"reassoc"})
+    def _softmax(x, m, bits):
+        """x[:m] = softmax(x[:m]) in place (float32, sum in float64). exp is Cody-Waite range
+        reduction with the Cephes polynomial (<= 3 ulp of the rounded float32 exp), written so the
+        loop vectorises (a libm call per element does not, and cost 5x more)."""
+        mx = x[0]
+        for j in range(1, m):
+            mx = max(mx, x[j])
         for j in range(m):
-            row[idx[j]] = 0.0
-        for h in range(H):
-            mx = -np.inf
-            for j in range(m):
-                v = logits[h, idx[j]] * scale  # float32 x float32, rounded as PyTorch rounds it
-                if v > mx:
-                    mx = v
-            s = 0.0
-            for j in range(m):
-                e = np.exp(np.float32(logits[h, idx[j]] * scale - mx))
-                probs[h, idx[j]] = e
-                s += e
-            inv = 1.0 / s
-            for j in range(m):
-                c = idx[j]
-                p = np.float32(probs[h, c] * inv)
-                probs[h, c] = p
-                row[c] += p
+            v = max(x[j] - mx, np.float32(-87.0))  # exp(-87) ~ 1.6e-38: below it a float32 softmax term is ~0
+            n = np.floor(v * _LOG2E + np.float32(0.5))
+            r = (v - n * _LN2_HI) - n * _LN2_LO
+            p = np.float32(1.9875691500e-4)
+            p = p * r + np.float32(1.3981999507e-3)
+            p = p * r + np.float32(8.3334519073e-3)
+            p = p * r + np.float32(4.1665795894e-2)
+            p = p * r + np.float32(1.6666665459e-1)
+            p = p * r + np.float32(5.0000001201e-1)
+            x[j] = p * r * r + r + np.float32(1.0)
+            bits[j] = np.int32((np.int32(n) + np.int32(127)) << np.int32(23))  # 2^n as float32 bits
+        two_n = bits[:m].view(np.float32)
+        s = 0.0
+        for j in range(m):
+            e = x[j] * two_n[j]
+            x[j] = e
+            s += e
+        inv = 1.0 / s
+        for j in range(m):
+            x[j] = np.float32(x[j] * inv)
 
-    _A = "float32[:,:,:,:], float32, int64[:,:], int64[:,:], int64, int64, int64, int64, boolean, int64, boolean[:,:,:]"
-    _SIGS = [f"void(int64, {_A}, float64[:,:], {elig}[:,:], float32[:,:,:], int64[:,:], float32[:,:,:,:], boolean[:,:,:])"
-             for elig in ("boolean", "int32")]  # h2o, swa; one layout ('A') each: two compilations in all
+    @njit(cache=True, fastmath={"reassoc"})
+    def _attend_one(qry, keys, vals, xkeys, xvals, cols, m, scale, lg, acc, bits, row, out):
+        """Attention of one query (all heads) over the m kept keys at ``cols`` (< U: a column of
+        keys/vals; >= U: column c - U of xkeys/xvals). qry (Hkv, G, D), out (Hkv, G, Dv) written;
+        row[j] += the probability of kept key j summed over heads, in head order."""
+        Hkv, G, D = qry.shape
+        U = keys.shape[1]
+        for h in range(Hkv):
+            for j in range(m):
+                c = cols[j]
+                kr = keys[h, c] if c < U else xkeys[h, c - U]
+                for g in range(G):
+                    qv = qry[h, g]
+                    s = np.float32(0.0)
+                    for d in range(D):
+                        s += qv[d] * kr[d]
+                    lg[g, j] = s * scale  # float32 x float32, rounded as PyTorch rounds it
+            for g in range(G):
+                _softmax(lg[g], m, bits)
+                for j in range(m):
+                    row[j] += lg[g, j]
+            acc[:, :] = 0.0
+            for j in range(m):
+                c = cols[j]
+                vr = vals[h, c] if c < U else xvals[h, c - U]
+                for g in range(G):
+                    p = lg[g, j]
+                    a = acc[g]
+                    for d in range(vr.shape[0]):
+                        a[d] += p * vr[d]
+            out[h, :, :] = acc
+
+    _F4 = "float32[:,:,:,::1]"
+    _A = (f"float32[:,:,:,:,::1], {_F4}, {_F4}, {_F4}, {_F4}, int64[:,:], float32, int64[:,:], int64[:,:], "
+          "int64, int64, int64, int64, boolean, int64, boolean[:,:,:]")
+    _SIGS = [f"void(int64, {_A}, float64[:,:], {elig}[:,:], float32[:,:,:], int64[:,:], float32[:,:,:,:,::1], boolean[:,:,::1], int64[:,::1])"
+             for elig in ("boolean", "int32")]  # h2o, swa: two compilations in all
 
     @njit(_SIGS, cache=True, parallel=True)
-    def run(kind, logits, scale, pos, qpos, p, q, budget, window, dense_all, mode, given,
-            score, elig, ring, ring_q, probs, keep_out):
-        """One block of queries, every row of the batch in parallel.
+    def attend(kind, qry, keys, vals, xkeys, xvals, loc, scale, pos, qpos, p, q, budget, window, dense_all, mode,
+               given, score, elig, ring, ring_q, out, keep_out, counts):
+        """A block of queries, in order, every row of the batch in parallel: select, attend the
+        kept keys (logits, softmax and P·V over those keys only), feed the row back.
 
-        logits (B, H, Q, C) float32, unscaled (unused when mode == 1), pos (B, C) int64, qpos (B, Q)
-        int64 (-1: padding query). mode 0: select, softmax, observe; 1: select only (into
-        keep_out); 2: softmax + observe of the selection ``given`` (B, Q, C).
+        qry (B, H_kv, G, Q, D) float32; the key of slot c is keys[b, :, loc[b, c]] (loc (B, C);
+        an entry U + j, U = keys.shape[2], is column j of xkeys: the runtime's fetched or
+        recomputed keys; ``loc.shape[1] == 0``: slot c is column c of keys); values alike. pos (B, C) int64,
+        qpos (B, Q) int64 (-1: padding query: attends nothing, output zero).
+        mode 0: select, attend, observe; 1: select only; 2: attend + observe the selection ``given`` (B, Q, C).
         State: h2o: score = acc (B, C) f64, elig = evicted (B, C) bool; swa: score = S (B, C)
         f64, elig = nz (B, C) int32, ring (B, R, C) float32, ring_q (B, R) int64.
-        Outputs (every entry written): probs (B, H, Q, C) float32 (zero outside the selection; a padding query
-        attends every column), keep_out (B, Q, C) bool.
+        Outputs (every entry written): out (B, H_kv, G, Q, Dv) float32 (not in mode 1),
+        keep_out (B, Q, C) bool, counts (B, Q) keys attended.
         """
         B, C = pos.shape
-        Q = qpos.shape[1]
+        Hkv, G, Q = qry.shape[1], qry.shape[2], qry.shape[3]
+        Dv = vals.shape[3]
+        ident = loc.shape[1] == 0
         for b in prange(B):
             scratch = np.empty(C, np.float64)
             idx = np.empty(C, np.int64)
-            row = np.zeros(C, np.float32)
+            cols = np.empty(C, np.int64)
+            row = np.empty(C, np.float32)
+            lg = np.empty((G, C), np.float32)
+            acc = np.empty((G, Dv), np.float32)
+            bits = np.empty(C, np.int32)
+            qbuf = np.empty((Hkv, G, qry.shape[4]), np.float32)  # contiguous: the dot products vectorise
             for i in range(Q):
                 t = qpos[b, i]
                 keep = keep_out[b, i]
                 if t < 0:
                     keep[:] = False
+                    counts[b, i] = 0
                     if mode != 1:
-                        for c in range(C):
-                            idx[c] = c
-                        _softmax(probs[b, :, i], logits[b, :, i], scale, idx, C, row)
+                        out[b, :, :, i, :] = 0.0
                     continue
                 k = _half(t + 1, p, q, budget)
                 if mode == 2:
                     keep[:] = given[b, i]
                 else:
                     _select(keep, pos[b], t, k, score[b], elig[b], kind, window, dense_all, scratch)
-                if mode == 1:
-                    continue
                 m = 0
                 for c in range(C):
                     if keep[c]:
                         idx[m] = c
+                        cols[m] = c if ident else loc[b, c]
                         m += 1
-                _softmax(probs[b, :, i], logits[b, :, i], scale, idx, m, row)
+                counts[b, i] = m
+                if mode == 1:
+                    continue
+                row[:m] = 0.0
+                qbuf[:, :, :] = qry[b, :, :, i]
+                _attend_one(qbuf, keys[b], vals[b], xkeys[b], xvals[b], cols, m, scale, lg, acc, bits, row,
+                            out[b, :, :, i])
                 # observe: the row (zero outside the selection) enters the policy state
                 if kind == H2O:
                     for j in range(m):
-                        score[b, idx[j]] += row[idx[j]]
+                        score[b, idx[j]] += row[j]
                     for c in range(C):
                         pc = pos[b, c]
                         if pc >= 0 and pc <= t and not keep[c]:
@@ -185,7 +266,7 @@ if numba is not None:
                     ring[b, st, :] = 0.0
                     for j in range(m):
                         c = idx[j]
-                        v = row[c]
+                        v = row[j]
                         score[b, c] += v
                         if v > 0:
                             elig[b, c] += 1

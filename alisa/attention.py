@@ -82,47 +82,59 @@ def attend_with_feedback(
     state: PolicyState | None,
     pos: torch.Tensor,
     q_pos: torch.Tensor,
-    logits: torch.Tensor | None,
+    query: torch.Tensor,
+    keys: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
     scale: float = 1.0,
     *,
+    loc: torch.Tensor | None = None,
+    xkeys: torch.Tensor | None = None,
+    xvals: torch.Tensor | None = None,
+    cols: int | None = None,
     keep: torch.Tensor | None = None,
+    select_only: bool = False,
     dense: bool = False,
     sliding_window: int | None = None,
     n_max: int | None = None,
-    query: torch.Tensor | None = None,  # (B, H_q, Q, D), for a query-aware policy (needs_qk: quest) [issue 12 hook]
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The one select → softmax → observe step, for a block of queries in order.
+    """The one select → attend → observe step, for a block of queries in order.
 
-    logits (B, H_kv, G, Q, C) float32 (multiplied by ``scale`` here: one pass less) of the queries at ``q_pos`` (B, Q;
-    -1 = padding) against the slots at ``pos`` (B, C): every key the step may attend,
-    whatever its tier (the runtime passes device-resident, fetched and recomputed keys in
-    slot order). Each query selects its keys (``dense``: all causal keys), attends them with
-    one softmax, and its attention row summed over all query heads goes back to the policy
+    ``query`` (B, H_q, Q, D) at positions ``q_pos`` (B, Q; -1 = padding) against the slots at
+    ``pos`` (B, C): every key the step may attend, whatever its tier. Slot c's key is
+    ``keys[:, :, c]`` (keys (B, H_kv, U >= C, D)) or, with ``loc`` (B, C), ``keys[:, :, loc]``
+    where ``0 <= loc < U`` and ``xkeys[:, :, loc - U]`` where ``loc >= U`` (the runtime's device
+    pool plus the keys it fetched or recomputed for this step; -1: a slot no query selects);
+    values alike. Each query
+    selects its keys (``dense``: all causal keys), attends them with one softmax, and its
+    attention row summed over all query heads goes back to the policy
     (:meth:`~alisa.policies.Policy.observe`) before the next query selects.
 
-    ``logits=None``: select only (one query per row), e.g. to fetch the selected keys first;
-    then call again with ``keep=`` that selection. ``n_max``: a bound on ``q_pos + 1``
-    known on the host (sizes the policy's state without reading the device).
+    ``select_only``: one query per row, select and return (None, keep), e.g. to fetch the
+    selected keys first; then call again with ``keep=`` that selection. ``cols``: no query of
+    the block can attend a slot >= cols (the accuracy path's causal blocks): the step reads and
+    writes only those slots. ``n_max``: a bound on ``q_pos + 1`` known on the host (sizes the
+    policy's state without reading the device).
 
-    The logits may cover only the first ``C' <= C`` slots when no query of the block can
-    attend a later one (the accuracy path's causal blocks): the step then reads and writes
-    only those columns.
-
-    Returns probs (B, H_kv, G, Q, C') float32 (zero outside the selection; a padding query
-    attends every slot, its output unused) or None, and the selection keep (B, Q, C').
+    Returns the output (B, H_q, Q, D_v) in the values' dtype (a padding query's is unused) and
+    the selection keep (B, Q, cols).
     """
     B, Q = q_pos.shape
-    if logits is None and Q != 1:
+    if select_only and Q != 1:
         raise ValueError(f"select-only needs one query per row (got {Q}): later selections depend on earlier rows")
+    cols = pos.shape[1] if cols is None else cols
     observing = policy.stateful and policy.needs_rows
     if observing:
         policy.prepare(state, int(q_pos.max()) + 1 if n_max is None else n_max)
-    if observing and route(policy, pos, logits) == "compiled":
-        return _compiled(policy, state, pos, q_pos, logits, scale, keep, dense, sliding_window)
+    if observing and route(policy, pos, query) == "compiled":
+        return _compiled(policy, state, pos, q_pos, query, keys, values, scale, loc, xkeys, xvals, cols, keep,
+                         select_only, dense, sliding_window)
     C = pos.shape[1]
-    cols = C if logits is None else logits.shape[-1]
-    if cols < C:  # later slots are never attended by these queries (their rows are zero there)
-        logits = F.pad(logits, (0, C - cols))
+    logits = None
+    if not select_only:
+        K, V = _logical(keys, values, loc, xkeys, xvals, cols)
+        logits = grouped_logits(query, K)  # (B, H_kv, G, Q, cols)
+        if cols < C:  # later slots are never attended by these queries (their rows are zero there)
+            logits = F.pad(logits, (0, C - cols))
 
     def allowed(sel: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return sel if sliding_window is None else sel & (t - pos < sliding_window)  # the model's own window
@@ -133,11 +145,13 @@ def attend_with_feedback(
         t = q_pos[:, i]
         if keep is not None:
             k_i = keep[:, i]
+            if k_i.shape[-1] < C:
+                k_i = F.pad(k_i, (0, C - k_i.shape[-1]))
         elif dense or (policy.stateful and not observing):  # sparsity 0: every row is dense
             k_i = allowed(causal(pos, t[:, None]), t[:, None])
         else:
             k_i = allowed(policy.select(pos, t, state) if policy.stateful else
-                          select_stateless(policy, pos, t[:, None], state, None if query is None else query[:, :, i:i + 1]), t[:, None])
+                          select_stateless(policy, pos, t[:, None], state, query[:, :, i:i + 1]), t[:, None])
         keeps.append(k_i)
         if logits is None:
             continue
@@ -148,34 +162,65 @@ def attend_with_feedback(
             row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, C)
             policy.observe(state, pos, t, k_i, row)
     keep = torch.stack(keeps, 1)[..., :cols]
-    return (None if probs is None else probs[..., :cols]), keep
+    if probs is None:
+        return None, keep
+    Hkv, G = probs.shape[1], probs.shape[2]
+    out = torch.matmul(probs[..., :cols].to(V.dtype).view(B, Hkv, G * Q, cols), V)  # (B, H_kv, G*Q, D_v)
+    return out.view(B, Hkv * G, Q, -1), keep
 
 
-def _compiled(policy, state, pos, q_pos, logits, scale, keep, dense, sliding_window):
+def _logical(keys, values, loc, xkeys, xvals, cols):
+    """Keys and values (B, H_kv, cols, D) in slot order (the reference route's view of the slots)."""
+    if loc is None:
+        return keys[:, :, :cols], values[:, :, :cols]
+    if xkeys is not None:
+        keys, values = torch.cat([keys, xkeys], 2), torch.cat([values, xvals], 2)
+    loc = loc[:, :cols]
+    there = loc >= 0
+
+    def take(t):  # zero where no key is there: a free buffer column may hold anything, NaN included
+        B, H, _, D = t.shape
+        return t.gather(2, torch.where(there, loc, 0)[:, None, :, None].expand(B, H, cols, D)).masked_fill(~there[:, None, :, None], 0)
+
+    return take(keys), take(values)
+
+
+def _compiled(policy, state, pos, q_pos, query, keys, values, scale, loc, xkeys, xvals, C, keep, select_only, dense,
+              sliding_window):
     """:func:`attend_with_feedback` on the numba route (same arguments, same results)."""
     from . import _fast
 
     B, Q = q_pos.shape
-    C = pos.shape[1] if logits is None else logits.shape[-1]  # slots this block may attend: a prefix
     score, elig, ring, ring_q = policy.kernel_state(state)
     pos, score, elig = pos[:, :C], score[:, :C], elig[:, :C]
     if ring is None:
         ring, ring_q = _NO_RING
     else:
         ring = ring[:, :, :C]  # a ring row is zero past its query's own slot, so the prefix is the row
-    mode = 1 if logits is None else (2 if keep is not None else 0)
-    if logits is None:
-        lg = probs = _NO_PROBS
+    f32 = lambda t: t.detach().to(torch.float32).contiguous()  # no copy for a float32 buffer
+    if select_only:
+        mode, qry = 1, _NO_QUERY
+        k = v = xk = xv = _NO_KV
+        out = _NO_OUT
     else:
-        _, Hkv, G, _, _ = logits.shape
-        lg = logits.detach().reshape(B, Hkv * G, Q, C)
-        probs = torch.empty(B, Hkv * G, Q, C, dtype=torch.float32)  # the kernel writes every entry
+        mode = 2 if keep is not None else 0
+        Hq, D = query.shape[1], query.shape[3]
+        Hkv = keys.shape[1]
+        qry = f32(query.reshape(B, Hkv, Hq // Hkv, Q, D))
+        k, v = f32(keys), f32(values)
+        xk, xv = (f32(xkeys), f32(xvals)) if xkeys is not None else (k[:, :, :0], v[:, :, :0])
+        out = torch.empty(B, Hkv, Hq // Hkv, Q, v.shape[3], dtype=torch.float32)
     keep_out = torch.empty(B, Q, C, dtype=torch.bool)
+    counts = torch.empty(B, Q, dtype=torch.long)
     given = keep.contiguous() if keep is not None else keep_out
-    _fast.run(policy.kernel, _np(lg), np.float32(scale), _np(pos), _np(q_pos), policy._p, policy._q,
-              -1 if policy.budget is None else policy.budget, -1 if sliding_window is None else sliding_window,
-              bool(dense), mode, _np(given), _np(score), _np(elig), _np(ring), _np(ring_q), _np(probs), _np(keep_out))
-    return (None if logits is None else probs.view(B, Hkv, G, Q, C)), keep_out
+    _fast.attend(policy.kernel, _np(qry), _np(k), _np(v), _np(xk), _np(xv), _np(_NO_LOC if loc is None else loc[:, :C]),
+                 np.float32(scale), _np(pos), _np(q_pos), policy._p, policy._q,
+                 -1 if policy.budget is None else policy.budget, -1 if sliding_window is None else sliding_window,
+                 bool(dense), mode, _np(given), _np(score), _np(elig), _np(ring), _np(ring_q), _np(out), _np(keep_out),
+                 _np(counts))
+    if select_only:
+        return None, keep_out
+    return out.view(B, -1, Q, out.shape[-1]).to(values.dtype), keep_out
 
 
 def _np(t: torch.Tensor):
@@ -183,7 +228,10 @@ def _np(t: torch.Tensor):
 
 
 _NO_RING = (torch.zeros(1, 1, 1, dtype=torch.float32), torch.zeros(1, 1, dtype=torch.long))
-_NO_PROBS = torch.zeros(1, 1, 1, 1, dtype=torch.float32)
+_NO_QUERY = torch.zeros(1, 1, 1, 1, 1, dtype=torch.float32)
+_NO_KV = torch.zeros(1, 1, 1, 1, dtype=torch.float32)
+_NO_OUT = torch.zeros(1, 1, 1, 1, 1, dtype=torch.float32)
+_NO_LOC = torch.zeros(1, 0, dtype=torch.long)
 
 
 def policy_attention(
@@ -220,20 +268,18 @@ def policy_attention(
         return out.transpose(1, 2)
 
     # Stateful: each query's selection depends on the rows of the queries before it.
-    G = Hq // Hkv
     outs = []
     C = pos.shape[1]
-    for i0 in range(0, Q, OBSERVE_BLOCK):  # logits of a block of queries at a time: bounded memory
+    for i0 in range(0, Q, OBSERVE_BLOCK):  # a block of queries at a time: bounded memory
         i1 = min(Q, i0 + OBSERVE_BLOCK)
         cend = C - Q + i1  # the chunk is the last Q slots: later slots hold keys after every query of the block
-        logits = grouped_logits(query[:, :, i0:i1], key[:, :, :cend])  # (B, Hkv, G, block, cend)
-        probs, keep = attend_with_feedback(policy, store.state, pos, q_pos[:, i0:i1], logits, scaling, dense=dense,
-                                           sliding_window=sliding_window, n_max=store.seen)
-        out = torch.matmul(probs.to(value.dtype).view(B, Hkv, G * (i1 - i0), -1), value[:, :, :cend])  # (B, Hkv, G*block, Dv)
-        outs.append(out.view(B, Hkv, G, i1 - i0, -1))
+        out, keep = attend_with_feedback(policy, store.state, pos, q_pos[:, i0:i1], query[:, :, i0:i1], store.keys,
+                                         store.values, scaling, cols=cend, dense=dense, sliding_window=sliding_window,
+                                         n_max=store.seen)
+        outs.append(out)
         if stats is not None:
             stats.add(layer, keep, q_pos[:, i0:i1])
-    return torch.cat(outs, 3).reshape(B, Hq, Q, -1).transpose(1, 2)
+    return torch.cat(outs, 2).transpose(1, 2)
 
 
 def grouped_logits(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

@@ -172,8 +172,11 @@ class Pool:
         """:meth:`read_raw`, de-quantized to ``dtype``."""
         return self.decode(self.read_raw(cols), dtype)
 
-    def view(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """All used columns, de-quantized (a temporary) when int8."""
+    def full(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Contiguous buffers whose column c is the pool's column c: the buffers themselves, or
+        the used columns de-quantized (a temporary) when int8."""
+        if not self.int8:
+            return self.buf
         return self.decode({k: v[:, :, :self.used] for k, v in self.buf.items()}, dtype)
 
     def free(self, cols: torch.Tensor, valid: torch.Tensor) -> None:
@@ -330,25 +333,24 @@ class TieredStore:
         """One query per row (B, H_q, 1, D) at positions t (B,): select with the policy, fetch
         the selected host tokens, recompute the selected deleted ones, then attend over all of
         them with one softmax and feed the row back (:func:`~alisa.attention.attend_with_feedback`,
-        the same step as the core cache's). Returns (B, 1, H_q, D_v)."""
+        the same step as the core cache's). With nothing off the device that is one call.
+        Returns (B, 1, H_q, D_v)."""
         policy, pos, q_pos = self.policy, self.pos, t[:, None]
-        keep = attend_with_feedback(policy, self.state, pos, q_pos, None, n_max=n_max, query=query)[1]  # (B, 1, C); query: issue 12 hook (quest)
+        dev = self.dev.full(query.dtype)
+        if self.host.used == 0 and not self._gone:  # every key is in the device pool
+            out, keep = attend_with_feedback(policy, self.state, pos, q_pos, query, dev["k"], dev["v"], scale,
+                                             loc=self.loc, n_max=n_max)
+            if stats is not None:
+                stats.add(layer, keep, q_pos)
+            return out.transpose(1, 2)
+        keep = attend_with_feedback(policy, self.state, pos, q_pos, query, select_only=True, n_max=n_max)[1]  # (B, 1, C)
         sel = keep[:, 0]
         if stats is not None:
             stats.add(layer, keep, q_pos)
-        B, Hq, _, D = query.shape
-        dev = self.dev.view(query.dtype)
-        kd, vd = dev["k"], dev["v"]
-        Hkv, Ud = kd.shape[1], kd.shape[2]
-        G = Hq // Hkv
-        q = query.reshape(B, Hkv, G, D)
-        # logits over the logical slots: device columns read in place, other tiers filled in below
-        expand = lambda i: i[:, None, None, :].expand(B, Hkv, G, i.shape[1])
-        logits = torch.matmul(q, kd.transpose(-1, -2)).gather(-1, expand(self.loc.clamp(0, max(Ud - 1, 0))))
-        parts = []  # (values, logical slots, valid) of the fetched and recomputed keys
+        U = dev["k"].shape[2]  # device columns; the fetched and recomputed keys become extra columns U + j
+        loc = torch.where(self.tier == DEVICE, self.loc, -1)
+        xk, xv = [], []
         for tier in (HOST, GONE):
-            if (self.host.used if tier == HOST else self._gone) == 0:
-                continue  # nothing ever lived there: no device read-back for the test below
             tsel = sel & (self.tier == tier)
             if not bool(tsel.any()):
                 continue
@@ -371,17 +373,14 @@ class TieredStore:
                 k, v = recompute(x[:, 0], pos.gather(1, idx))
                 self.traffic.tokens_recomputed += int(valid.sum())
                 self.traffic.seconds["recompute"] += _now(query.device) - t1
-            logits.scatter_(-1, expand(idx), torch.where(valid[:, None, None], torch.matmul(q, k.transpose(-1, -2)),
-                                                         logits.gather(-1, expand(idx))))
-            parts.append((v, idx, valid))
-        probs = attend_with_feedback(policy, self.state, pos, q_pos, logits.float()[:, :, :, None], scale,
-                                     keep=keep, n_max=n_max)[0][:, :, :, 0]  # (B, Hkv, G, C)
-        on_dev = sel & (self.tier == DEVICE)
-        p_dev = probs.new_zeros(B, Hkv, G, Ud + 1).scatter_(-1, expand(torch.where(on_dev, self.loc, Ud)), probs)
-        out = torch.matmul(p_dev[..., :Ud].to(vd.dtype), vd)
-        for v, idx, valid in parts:
-            out = out + torch.matmul((probs.gather(-1, expand(idx)) * valid[:, None, None]).to(v.dtype), v)
-        return out.reshape(B, Hq, 1, -1).transpose(1, 2)
+            new = U + sum(x.shape[2] for x in xk) + torch.arange(idx.shape[1], device=loc.device)
+            loc.scatter_(1, idx, torch.where(valid, new, loc.gather(1, idx)))
+            xk.append(k)
+            xv.append(v)
+        out = attend_with_feedback(policy, self.state, pos, q_pos, query, dev["k"], dev["v"], scale, loc=loc,
+                                   xkeys=torch.cat(xk, 2) if xk else None, xvals=torch.cat(xv, 2) if xv else None,
+                                   keep=keep, n_max=n_max)[0]
+        return out.transpose(1, 2)
 
     # --- scheduling ---------------------------------------------------------------------
     def schedule(self, plan: Plan, step: int, t_next: torch.Tensor) -> None:
