@@ -98,6 +98,12 @@ class EvalConf:
     verbose: bool = False  # third-party log lines and progress bars on the console too (also: -v); always in logs/
     logger: LoggerConf = field(default_factory=LoggerConf)
     throughput: ThroughputConf = field(default_factory=ThroughputConf)
+    # Hyperparameters by policy name, e.g. policy_params.sinks.n_sinks=2: the one place they are set. Each is a
+    # keyword of the policy's constructor, typed by its annotation (checked before the model loads). Built-ins'
+    # defaults come from conf/policy/<name>.yaml; a plug-in's are added with +policy_params.<name>.<key>=<value>
+    # (or policy_params: {<name>: {<key>: <value>}} in an experiment file). Non-default values are part of a
+    # point's identity and its records (params), W&B config and throughput record (policy key).
+    policy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def register_configs() -> None:
@@ -110,27 +116,73 @@ WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("cpu", "cuda")
 
 
-def grid_points(grid: GridConf) -> list[dict]:
-    """Expand the grid: [{'policy', 'sparsity', 'budget'}], dense once."""
-    from .policies import REGISTRY
+def grid_points(grid: GridConf, policy_params: dict | None = None) -> list[dict]:
+    """Expand the grid: [{'policy', 'sparsity', 'budget'}, plus 'params' where a policy's hyperparameters
+    differ from its defaults (``policy_params``, checked by :func:`check_policy_params`)], dense once."""
+    from .policies import policy_class
 
     points: list[dict] = []
     for name in grid.policies:
-        if not REGISTRY[name].takes_budget:  # dense: one point
-            points.append({"policy": name, "sparsity": 0.0, "budget": None})
+        params = nondefault_params(name, (policy_params or {}).get(name) or {})
+        extra = {"params": params} if params else {}
+        if not policy_class(name).takes_budget:  # dense: one point
+            points.append({"policy": name, "sparsity": 0.0, "budget": None, **extra})
             continue
-        points += [{"policy": name, "sparsity": float(s), "budget": None} for s in grid.sparsities]
-        points += [{"policy": name, "sparsity": None, "budget": int(b)} for b in grid.budgets]
+        points += [{"policy": name, "sparsity": float(s), "budget": None, **extra} for s in grid.sparsities]
+        points += [{"policy": name, "sparsity": None, "budget": int(b), **extra} for b in grid.budgets]
     return points
 
 
-def policy_kwargs(p: dict) -> dict:
-    """make_policy keyword arguments of a grid point."""
-    if p["budget"] is not None:
-        return {"budget": p["budget"]}
-    from .policies import REGISTRY
+def nondefault_params(name: str, params: dict) -> dict:
+    """The hyperparameters in ``params`` whose value is not the constructor's default (what identifies a point)."""
+    from .policies import check_params, hyperparameters
 
-    return {"sparsity": p["sparsity"]} if REGISTRY[p["policy"]].takes_budget else {}
+    hp = hyperparameters(name)
+    return {k: v for k, v in check_params(name, params).items() if hp[k].default != v}
+
+
+def policy_kwargs(p: dict) -> dict:
+    """make_policy keyword arguments of a grid point (its budget or sparsity, and its hyperparameters)."""
+    params = dict(p.get("params") or {})
+    if p["budget"] is not None:
+        return {"budget": p["budget"], **params}
+    from .policies import policy_class
+
+    return {"sparsity": p["sparsity"], **params} if policy_class(p["policy"]).takes_budget else params
+
+
+def check_policy_params(cfg) -> dict[str, dict]:
+    """``cfg.policy_params`` as plain dicts, every name a policy and every value typed; ConfigError naming
+    ``policy_params.<policy>.<key>``, the value and what is allowed."""
+    from omegaconf import OmegaConf
+
+    from .policies import HyperparameterError, check_params, make_policy, policy_class
+
+    raw = OmegaConf.select(cfg, "policy_params", default=None)
+    given = _plain(raw) if raw is not None else {}
+    out = {}
+    for name, params in given.items():
+        try:
+            policy_class(name)
+        except ValueError as e:
+            raise ConfigError(f"policy_params.{name}: {e}") from None
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"policy_params.{name}={params!r} is invalid: allowed is a mapping of hyperparameters "
+                              f"(policy_params.{name}.<key>=<value>)")
+        try:
+            out[name] = check_params(name, params)
+        except HyperparameterError as e:
+            if e.unknown:
+                raise ConfigError(f"policy_params.{name}.{e.key} is not a hyperparameter of policy {name!r}: "
+                                  f"allowed are {e.allowed}") from None
+            raise ConfigError(f"policy_params.{name}.{e.key}={e.value!r} is invalid: allowed is {e.allowed}") from None
+        try:  # the constructor's own range checks, also for a policy the grid does not name
+            make_policy(name, **({"sparsity": 0.5} if policy_class(name).takes_budget else {}), **out[name])
+        except ValueError as e:
+            raise ConfigError(f"policy_params.{name}: {e}") from None
+    return out
 
 
 def point_id(p: dict) -> str:
@@ -322,16 +374,19 @@ def validate(cfg, machine: bool = True) -> list[dict]:
     submits them (a local launcher checks the machine too).
     """
     from .integration import PREFILL_MODES
-    from .policies import REGISTRY, make_policy
+    from .policies import available, make_policy, policy_class
 
     for key in ("grid.policies", "grid.sparsities", "grid.budgets", "tasks"):
         _listify(cfg, key)
     g = cfg.grid
     if not g.policies:
-        raise ConfigError("grid.policies is empty: allowed are " + ", ".join(sorted(REGISTRY)))
+        raise ConfigError("grid.policies is empty: allowed are " + ", ".join(available()))
     for name in g.policies:
-        if not isinstance(name, str) or name not in REGISTRY:
-            raise ConfigError(f"unknown policy {name!r}: allowed are {', '.join(sorted(REGISTRY))}")
+        try:
+            policy_class(name)  # an unknown name lists the allowed ones; a broken plug-in says why
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    policy_params = check_policy_params(cfg)
     for s in g.sparsities:
         if not (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and 0 <= s < 1):
             raise ConfigError(f"sparsity={s!r} is invalid: allowed is a number in [0, 1)")
@@ -340,14 +395,15 @@ def validate(cfg, machine: bool = True) -> list[dict]:
             raise ConfigError(f"budget={b!r} is invalid: allowed is an integer >= 1 (tokens)")
     if g.prefill not in PREFILL_MODES:
         raise ConfigError(f"grid.prefill={g.prefill!r} is invalid: allowed are {', '.join(PREFILL_MODES)}")
-    points = grid_points(g)
+    points = grid_points(g, policy_params)
     if not points:
         raise ConfigError("the grid is empty: give grid.sparsities or grid.budgets for the non-dense policies")
     for p in points:
         try:
             make_policy(p["policy"], **policy_kwargs(p))
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            where = f"policy_params.{p['policy']}: " if p.get("params") else ""  # the constructor's own range checks
+            raise ConfigError(f"{where}{e}") from None
     if cfg.limit is not None and not cfg.limit > 0:
         raise ConfigError(f"limit={cfg.limit!r} is invalid: allowed is a positive count, a fraction in (0, 1), or null")
     for t, lim in cfg.task_limits.items():  # names are checked with the task list (a job may run a subset)

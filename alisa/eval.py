@@ -291,9 +291,9 @@ class ThroughputRunner:
         return [f"tput-{s}-b{b}" for s in cfg.throughput.systems for b in cfg.throughput.batches]
 
     def applies(self, point: dict, task: str) -> bool:
-        from .policies import REGISTRY
+        from .policies import policy_class
 
-        return self.parse(task)[0] == "engine" or not REGISTRY[point["policy"]].takes_budget  # baselines: once
+        return self.parse(task)[0] == "engine" or not policy_class(point["policy"]).takes_budget  # baselines: once
 
     def identity(self, cfg, point: dict, task: str) -> dict:
         tc = cfg.throughput
@@ -334,8 +334,7 @@ class ThroughputRunner:
                 plan = pred.plan
             else:
                 pred = predict(prof, model.config, dtype, pol, wl, Plan(), tc.device_budget, tc.host_budget)
-        rec = measure(model, system, ids, tc.new_tokens, policy=point["policy"], sparsity=point["sparsity"],
-                      budget=point["budget"], prefill=prefill, int8=tc.int8, plan=plan,
+        rec = measure(model, system, ids, tc.new_tokens, policy=pol, prefill=prefill, int8=tc.int8, plan=plan,
                       flexgen_fraction=tc.flexgen_fraction, device_budget=tc.device_budget, host_budget=tc.host_budget,
                       prefilled=_PREFILLS.get(key) if shareable else None)
         if pred is not None:
@@ -382,6 +381,7 @@ def point_identity(cfg, point: dict, task: str) -> dict:
     return {"v": HASH_VERSION, "kind": kind, "model": model, "policy": point["policy"],
             "sparsity": point["sparsity"], "budget": point["budget"], "prefill": cfg.grid.prefill, "task": task,
             "seed": cfg.seed, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+            **({"policy_params": {point["policy"]: point["params"]}} if point.get("params") else {}),  # non-default only
             **RUNNERS[kind].identity(cfg, point, task)}
 
 

@@ -3,6 +3,9 @@
     lm_eval --model alisa --model_args pretrained=smollm2-135m,policy=swa,sparsity=0.8 \
         --tasks piqa_local --include_path tasks --limit 50
 
+A policy's hyperparameters are model_args too (``policy=sinks,sparsity=0.8,n_sinks=2``), and
+``policy=`` takes any installed plug-in's name (entry point group ``alisa.policies``).
+
 Log-likelihood and rolling log-likelihood requests run the accuracy path (one forward,
 ``use_cache=False``: each position scored exactly as under token-by-token decoding);
 ``generate_until`` runs ``model.generate`` through the evicting decode cache. All request
@@ -22,7 +25,7 @@ from lm_eval.models.huggingface import HFLM
 
 from .integration import PREFILL_MODES, apply
 from .models import load_model
-from .policies import make_policy
+from .policies import hyperparameters, make_policy, policy_class
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +37,11 @@ HFLM_ARGS = ("backend", "truncation", "logits_cache", "max_length", "softmax_dty
 OWN_ARGS = ("pretrained", "policy", "sparsity", "budget", "prefill", "dtype", "device", "tokenizer", "batch_size")
 
 
-def _check_args(kwargs: dict, device, batch_size) -> None:
+def _check_args(kwargs: dict, device, batch_size, policy_args: tuple = ()) -> None:
     """One ValueError naming the bad model_args value and what is allowed (before anything loads)."""
     unknown = sorted(k for k in kwargs if k not in HFLM_ARGS)
     if unknown:
-        raise ValueError(f"unknown model_args key {unknown[0]!r}: allowed are {', '.join(OWN_ARGS + HFLM_ARGS)}")
+        raise ValueError(f"unknown model_args key {unknown[0]!r}: allowed are {', '.join(OWN_ARGS + tuple(policy_args) + HFLM_ARGS)}")
     if device is not None and not (str(device) in ("cpu", "cuda") or str(device).startswith("cuda:") or str(device) == "mps"):
         raise ValueError(f"device={device!r} is invalid: allowed are cpu, cuda, cuda:N")
     if isinstance(batch_size, str) and not batch_size.startswith("auto"):
@@ -60,14 +63,18 @@ class AlisaLM(HFLM):
         ``smollm2-135m`` (embedded), a local folder, a hub id, or a loaded model
         (then pass ``tokenizer=``).
     policy, sparsity, budget, prefill
-        As :func:`alisa.make_policy` and :func:`alisa.apply`.
+        As :func:`alisa.make_policy` and :func:`alisa.apply`: a built-in or plug-in policy name.
+    **kwargs
+        The policy's hyperparameters (by its constructor's keyword names), then HFLM's own arguments.
     """
 
     def __init__(self, pretrained="smollm2-135m", policy: str = "dense", sparsity: float | None = None,
                  budget: int | None = None, prefill: str = "sparse", dtype=None, device: str | None = None,
                  tokenizer=None, batch_size=1, **kwargs):
-        _check_args(kwargs, device, batch_size)  # validate before loading anything
-        self.kv_policy = make_policy(policy, sparsity=sparsity, budget=budget)
+        names = tuple(hyperparameters(policy_class(policy)))  # an unknown policy or a broken plug-in: one line
+        params = {k: kwargs.pop(k) for k in list(kwargs) if k in names}  # the policy's own, before HFLM's of that name
+        _check_args(kwargs, device, batch_size, names)  # validate before loading anything
+        self.kv_policy = make_policy(policy, sparsity=sparsity, budget=budget, **params)
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill={prefill!r} is invalid: allowed are {', '.join(PREFILL_MODES)}")
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):

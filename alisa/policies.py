@@ -20,17 +20,88 @@ from __future__ import annotations
 import abc
 import inspect
 import math
+import re
+import types
+import typing
 from fractions import Fraction
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-REGISTRY: dict[str, type["Policy"]] = {}
+# --- registry: built-ins, @register, and plug-ins found through entry points -----------------
+ENTRY_POINT_GROUP = "alisa.policies"  # a package's [project.entry-points."alisa.policies"] NAME = "module:Class"
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # a policy name appears in file names, Hydra lists and model_args
+
+REGISTRY: dict[str, type["Policy"]] = {}  # built-ins and classes registered in this process with @register
+_PLUGINS: dict[str, type["Policy"]] = {}  # plug-ins imported from their entry points (on first use)
+_ENTRY_POINTS: dict[str, list] | None = None  # name -> entry points of the group; None: not scanned yet
 
 
 def register(cls: type["Policy"]) -> type["Policy"]:
+    """Class decorator: make a policy available by its ``name`` in this process.
+
+    Other processes (``lm_eval``, Hydra jobs) find a policy through its package's entry point
+    instead (README, "Bring your own policy"). ValueError if the class breaks the contract
+    (:func:`contract_problem`) or the name is taken by another class.
+    """
+    problem = contract_problem(cls)
+    if problem:
+        raise ValueError(f"cannot register {_qualname(cls)} as a policy: {problem}")
+    old = REGISTRY.get(cls.name)
+    if old is not None and _qualname(old) != _qualname(cls):  # the same class again (a reloaded module) is fine
+        raise ValueError(f"cannot register {_qualname(cls)} as policy {cls.name!r}: the name is taken by {_qualname(old)}")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def _qualname(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def contract_problem(obj, name: str | None = None) -> str | None:
+    """What keeps ``obj`` from being a policy class (one phrase), or None.
+
+    Checked without building it: a :class:`Policy` subclass whose ``name`` is valid (and equals
+    ``name``, an entry point's, when given), with ``select`` implemented, ``new_state`` when it
+    is ``stateful``, ``observe`` only when it is, and a constructor that takes ``sparsity=`` and
+    ``budget=`` and gives every hyperparameter a default.
+    """
+    if not (isinstance(obj, type) and issubclass(obj, Policy)):
+        what = f"the class {_qualname(obj)}" if isinstance(obj, type) else f"a {type(obj).__name__}"
+        return f"it is {what}, not a subclass of alisa.policies.Policy"
+    if not isinstance(obj.name, str) or not NAME_RE.match(obj.name):
+        return f"its name {obj.name!r} is invalid: allowed is a letter, then letters, digits or '_'"
+    if name is not None and obj.name != name:
+        return f"its class attribute name is {obj.name!r}, but the entry point is named {name!r}: allowed is the same name"
+    if inspect.isabstract(obj):
+        return f"it does not implement {', '.join(sorted(obj.__abstractmethods__))}"
+    if obj.stateful and obj.new_state is Policy.new_state:
+        return "it is stateful but does not implement new_state() (the PolicyState its select and observe read)"
+    if not obj.stateful and obj.observe is not Policy.observe:
+        return "it implements observe() but is not stateful (observe is called only when stateful = True)"
+    try:
+        params = list(inspect.signature(obj.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    names = {p.name for p in params}
+    takes_more = any(p.kind is p.VAR_KEYWORD for p in params)
+    for needed in ("sparsity", "budget"):
+        if needed not in names and not takes_more:
+            return f"its constructor does not take {needed}=: allowed is __init__(self, sparsity=None, budget=None, <hyperparameter>=<default>, ...)"
+    for p in params:
+        if p.kind is p.POSITIONAL_ONLY:
+            return f"its constructor parameter {p.name!r} is positional-only: allowed are keyword parameters"
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.name in ("sparsity", "budget"):
+            continue
+        if p.default is p.empty:
+            return f"its hyperparameter {p.name!r} has no default: allowed are hyperparameters with defaults"
+        if p.name in RESERVED:
+            return f"its hyperparameter {p.name!r} has a reserved name: allowed are names other than {', '.join(RESERVED)}"
+    return None
+
+
+# Keys beside a policy's hyperparameters in lm-eval's model_args (alisa.lm_eval_model): not hyperparameter names.
+RESERVED = ("policy", "pretrained", "prefill", "dtype", "device", "tokenizer", "batch_size")
 
 
 class PolicyState:
@@ -506,18 +577,159 @@ class SWA(TwoPart):
         return (pos > tt - self.half_count(tt + 1)) | (state.slot["nz"] > 0)
 
 
-def make_policy(name: str, sparsity: float | None = None, budget: int | None = None, **params) -> Policy:
-    """Build a policy by registered name, e.g. ``make_policy("swa", sparsity=0.8)``;
-    ``params`` are its hyperparameters (``make_policy("sinks", sparsity=0.8, n_sinks=2)``)."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown policy {name!r}: allowed are {', '.join(sorted(REGISTRY))}")
-    cls = REGISTRY[name]
+def _entry_points() -> dict[str, list]:
+    """Entry points of the group ``alisa.policies`` by name, scanned once (not imported)."""
+    global _ENTRY_POINTS
+    if _ENTRY_POINTS is None:
+        from importlib.metadata import entry_points
+
+        found: dict[str, list] = {}
+        try:
+            eps = entry_points(group=ENTRY_POINT_GROUP)
+        except Exception as e:  # noqa: BLE001 - unreadable metadata elsewhere on sys.path must not break the built-ins
+            import warnings
+
+            warnings.warn(f"alisa: could not scan the {ENTRY_POINT_GROUP} entry points: {type(e).__name__}: {e}", stacklevel=3)
+            eps = []
+        for ep in eps:
+            if all(ep.value != other.value for other in found.get(ep.name, [])):  # one package found twice is one
+                found.setdefault(ep.name, []).append(ep)
+        _ENTRY_POINTS = found
+    return _ENTRY_POINTS
+
+
+def _origin(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{ep.value}" + (f" from {dist.name} {dist.version}" if dist is not None else "")
+
+
+def _load(name: str, eps: list) -> type["Policy"]:
+    """Import the plug-in ``name``; one-line ValueError naming the entry point and why it cannot be used."""
+    where = f"policy plug-in {name!r} (entry point {ENTRY_POINT_GROUP}: {name} = {_origin(eps[0])})"
+    if len(eps) > 1:
+        raise ValueError(f"policy plug-in {name!r} is defined by {len(eps)} entry points "
+                         f"({'; '.join(_origin(ep) for ep in eps)}): allowed is one (uninstall the others)")
     try:
-        return cls(sparsity=sparsity, budget=budget, **params)
-    except TypeError:
-        allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "sparsity", "budget")]
-        raise ValueError(f"policy {name!r} has no hyperparameter {', '.join(map(repr, params))}: "
-                         f"allowed are {', '.join(allowed) or 'none'}") from None
+        obj = eps[0].load()
+    except Exception as e:  # noqa: BLE001 - whatever the plug-in's import raises, the user gets one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{where} cannot be imported: {type(e).__name__}{': ' + first if first else ''}") from None
+    problem = contract_problem(obj, name)
+    if problem:
+        raise ValueError(f"{where} is broken: {problem}")
+    return obj
+
+
+def policy_class(name: str) -> type["Policy"]:
+    """The class of a policy name: a built-in, one registered with :func:`register`, or an installed
+    plug-in (entry point group ``alisa.policies``, imported the first time it is asked for).
+
+    ValueError (one line) for an unknown name, listing the allowed ones, or for a broken plug-in,
+    naming its entry point and the cause. A broken plug-in breaks nothing but itself.
+    """
+    if isinstance(name, str):
+        cls = REGISTRY.get(name) or _PLUGINS.get(name)
+        if cls is not None:
+            return cls
+        eps = _entry_points().get(name)
+        if eps:
+            cls = _PLUGINS[name] = _load(name, eps)
+            return cls
+    raise ValueError(f"unknown policy {name!r}: allowed are {', '.join(available())}")
+
+
+def available() -> list[str]:
+    """Every policy name: built-ins, registered classes and installed plug-ins (listed, not imported)."""
+    return sorted({*REGISTRY, *_PLUGINS, *_entry_points()})
+
+
+def refresh_plugins() -> None:
+    """Forget the plug-ins found so far: the next lookup scans the entry points again (after a
+    package was installed into, or put on the ``sys.path`` of, a running process)."""
+    import importlib
+
+    global _ENTRY_POINTS
+    importlib.invalidate_caches()  # importlib.metadata caches what each sys.path entry holds
+    _ENTRY_POINTS = None
+    _PLUGINS.clear()
+
+
+def hyperparameters(policy: "str | type[Policy]") -> dict[str, inspect.Parameter]:
+    """A policy's hyperparameters: its constructor's keyword parameters besides ``sparsity`` and ``budget``."""
+    cls = policy_class(policy) if isinstance(policy, str) else policy
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return {p.name: p for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("sparsity", "budget")}
+
+
+class HyperparameterError(ValueError):
+    """A hyperparameter that a policy does not have, or a value its type does not allow."""
+
+    def __init__(self, policy: str, key: str, value: Any, allowed: str, unknown: bool = False):
+        self.policy, self.key, self.value, self.allowed, self.unknown = policy, key, value, allowed, unknown
+        super().__init__(f"policy {policy!r} has no hyperparameter {key!r}: allowed are {allowed}" if unknown
+                         else f"policy {policy!r}: {key}={value!r} is invalid: allowed is {allowed}")
+
+
+def check_params(name: str, params: dict) -> dict:
+    """``params`` checked against policy ``name``'s constructor: each must be one of its hyperparameters,
+    of the type its annotation says (or its default's type); returned with ints made floats where a
+    float is wanted. :class:`HyperparameterError` (a one-line ValueError) otherwise. The constructor
+    checks ranges itself."""
+    cls = policy_class(name)
+    hp = hyperparameters(cls)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: fall back to the defaults' types
+        hints = {}
+    out = {}
+    for key, value in params.items():
+        if key not in hp:
+            raise HyperparameterError(name, key, value, ", ".join(hp) or "none", unknown=True)
+        default = hp[key].default
+        tp = hints.get(key, type(default) if isinstance(default, (bool, int, float, str)) else Any)
+        ok, value, allowed = _typed(tp, value)
+        if not ok:
+            raise HyperparameterError(name, key, value, f"{allowed} (default {default!r})")
+        out[key] = value
+    return out
+
+
+def _typed(tp, value) -> tuple[bool, Any, str]:
+    """(value fits ``tp``, the value (int -> float for a float), what ``tp`` allows in words)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        if value is None and type(None) in args:
+            return True, None, ""
+        words = []
+        for a in args:
+            if a is type(None):
+                continue
+            ok, v, w = _typed(a, value)
+            if ok:
+                return True, v, ""
+            words.append(w)
+        return False, value, " or ".join(words + (["null"] if type(None) in args else []))
+    if origin is typing.Literal:
+        return value in args, value, "one of " + ", ".join(map(repr, args))
+    if tp is bool:
+        return isinstance(value, bool), value, "true or false"
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value, "a number"
+    if tp is str:
+        return isinstance(value, str), value, "a string"
+    return True, value, "any value"  # another annotation: the constructor checks it
+
+
+def make_policy(name: str, sparsity: float | None = None, budget: int | None = None, **params) -> "Policy":
+    """Build a policy by name (built-in, registered or plug-in), e.g. ``make_policy("swa", sparsity=0.8)``;
+    ``params`` are its hyperparameters (``make_policy("sinks", sparsity=0.8, n_sinks=2)``), checked by
+    :func:`check_params`."""
+    cls = policy_class(name)
+    return cls(sparsity=sparsity, budget=budget, **check_params(name, params))
 
 
 from . import policies_more  # noqa: E402,F401  (tova, snapkv, quest register themselves; imported last: it imports this module)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import alisa
+from alisa.testing import decode
 from conftest import padded_batch
 
 POLICY_SETTINGS = [
@@ -25,17 +26,6 @@ POLICY_SETTINGS = [
 ]
 T = 40
 SPLITS = (1, 13, 30)
-
-
-def decode(model, ids, mask, split, **kw):
-    """Prefill ids[:, :split], then one token at a time; logits (B, T, V) and the final cache."""
-    out = model(ids[:, :split], attention_mask=mask[:, :split], use_cache=True, **kw)
-    cache, logits = out.cache, [out.logits]
-    for i in range(split, ids.shape[1]):
-        out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], cache=cache, use_cache=True)
-        cache = out.cache
-        logits.append(out.logits)
-    return torch.cat(logits, 1), cache
 
 
 @torch.no_grad()

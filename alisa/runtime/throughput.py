@@ -18,7 +18,7 @@ from dataclasses import asdict
 
 import torch
 
-from ..policies import make_policy
+from ..policies import Policy, make_policy
 from .engine import BudgetExceeded, Engine, Prefilled, dense_prefill, greedy_steps, shares_dense_prefill
 from .tiered import Plan
 
@@ -71,7 +71,7 @@ def stock_generate(model, ids: torch.Tensor, new_tokens: int, prefilled: Prefill
             "peak_cuda_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
 
 
-def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy: str = "dense", sparsity: float | None = None,
+def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy: str | Policy = "dense", sparsity: float | None = None,
               budget: int | None = None, prefill: str = "dense", int8: bool = False, plan: Plan | None = None,
               flexgen_fraction: float = 0.5, device_budget: int | None = None, host_budget: int | None = None,
               prefilled: Prefilled | None = None) -> dict:
@@ -91,7 +91,8 @@ def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy:
         if system == "flexgen":
             pol, pl = make_policy("dense"), Plan(alpha=flexgen_fraction, p1=0, local_on_device=False)
         else:
-            pol, pl = make_policy(policy, sparsity=sparsity, budget=budget), plan or Plan()
+            pol = policy if isinstance(policy, Policy) else make_policy(policy, sparsity=sparsity, budget=budget)
+            pl = plan or Plan()
         use_shared = prefilled if shares_dense_prefill(pol, prefill) else None
         eng = Engine(model, pol, prefill=prefill, plan=pl, int8=int8, device_budget=device_budget, host_budget=host_budget)
         g = eng.generate(ids, None, new_tokens, prefilled=use_shared)
