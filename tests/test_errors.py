@@ -8,7 +8,7 @@ import alisa
 
 
 @pytest.mark.parametrize("name,kw,match", [
-    ("swa2", dict(sparsity=0.5), "unknown policy 'swa2': allowed are dense, h2o, local, sinks, strided, swa"),
+    ("swa2", dict(sparsity=0.5), "unknown policy 'swa2': allowed are dense, h2o, local, quest, sinks, snapkv, strided, swa, tova"),
     ("swa", dict(sparsity=1.0), r"sparsity=1.0 is invalid: allowed is a number in \[0, 1\)"),
     ("swa", dict(sparsity=-0.1), r"sparsity=-0.1 is invalid"),
     ("local", dict(sparsity=math.nan), r"sparsity=nan is invalid"),

@@ -92,7 +92,7 @@ def run_cli(*args, cwd):
 @pytest.mark.parametrize("args,message", [
     pytest.param(["+experiment=nope"], "error: unknown experiment 'nope': allowed are ci_regression, long_context, paper_accuracy, paper_throughput, paper_throughput_cpu, quickstart, throughput_quick, tradeoff",
                  id="unknown_experiment"),
-    pytest.param(["grid.policies=[dense,swa9]"], "error: unknown policy 'swa9': allowed are dense, h2o, local, sinks, strided, swa",
+    pytest.param(["grid.policies=[dense,swa9]"], "error: unknown policy 'swa9': allowed are dense, h2o, local, quest, sinks, snapkv, strided, swa, tova",
                  id="unknown_policy"),
     pytest.param(["grid.sparsities=[1.5]", "grid.policies=[swa]"], "error: sparsity=1.5 is invalid: allowed is a number in [0, 1)",
                  id="sparsity_out_of_range"),

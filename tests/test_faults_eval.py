@@ -159,7 +159,7 @@ def test_long_folder_names(tmp_path, key, length):
     (["--max-new-tokens", "x"], ["--max-new-tokens: invalid int value: 'x'"]),
     (["--max-new-tokens", "100000"], ["--max-new-tokens=100000", "allowed is less than 8192"]),
     (["--prompt", ""], ["--prompt=''", "allowed is a text with at least one non-space character"]),
-    (["--policy", "swa9"], ["'swa9'", "allowed are dense, h2o, local, sinks, strided, swa"]),
+    (["--policy", "swa9"], ["'swa9'", "allowed are dense, h2o, local, quest, sinks, snapkv, strided, swa, tova"]),
 ], ids=["negative_new_tokens", "not_a_number", "beyond_context", "empty_prompt", "unknown_policy"])
 def test_quickstart_bad_arguments(tmp_path, args, needles):
     r = run(*args, cwd=tmp_path, module="alisa.quickstart")
@@ -291,7 +291,7 @@ def test_lm_eval_bad_model_args_is_one_line(tmp_path):
             module="lm_eval", timeout=600)
     assert r.returncode == 2, r.stderr[-3000:]
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert errors == ["error: --model_args: unknown policy 'swa9': allowed are dense, h2o, local, sinks, strided, swa"]
+    assert errors == ["error: --model_args: unknown policy 'swa9': allowed are dense, h2o, local, quest, sinks, snapkv, strided, swa, tova"]
     assert "Traceback" not in r.stderr
 
 

@@ -60,7 +60,7 @@ def test_uncovered_family_is_refused():
 def test_quickstart_cli_bad_policy_one_line_error():
     r = subprocess.run([sys.executable, "-m", "alisa.quickstart", "--policy", "nope"], capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: unknown policy 'nope': allowed are dense, h2o, local, sinks, strided, swa"]
+    assert r.stderr.strip().splitlines() == ["error: unknown policy 'nope': allowed are dense, h2o, local, quest, sinks, snapkv, strided, swa, tova"]
 
 
 def test_nested_apply_and_bad_prefill_are_refused():

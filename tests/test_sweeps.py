@@ -228,5 +228,5 @@ def test_multirun_bad_job_fails_before_any_job_starts(tmp_path):
                 cwd=tmp_path)
     assert r.returncode == 2
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
-    assert lines == ["error: unknown policy 'swa9': allowed are dense, h2o, local, sinks, strided, swa"], r.stderr
+    assert lines == ["error: unknown policy 'swa9': allowed are dense, h2o, local, quest, sinks, snapkv, strided, swa, tova"], r.stderr
     assert not (tmp_path / "results").exists()
