@@ -189,12 +189,14 @@ class LmEvalRunner:
             out = simple_evaluate(model=lm, tasks=[task], num_fewshot=cfg.num_fewshot, limit=limit,
                                   task_manager=task_manager(cfg.tasks_dir), random_seed=cfg.seed,
                                   numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
-                                  bootstrap_iters=1000, log_samples=False)
+                                  bootstrap_iters=1000, log_samples=True)  # samples: per-document needle results
         finally:
             lm.close()
         metrics = _metrics(out["results"][task])
         kept = lm.kept_fraction()
+        needles = needle_docs(out.get("samples"), primary_metric(metrics))
         return {"metrics": metrics, "limit": limit, "primary_metric": primary_metric(metrics),
+                **({"needle_docs": needles} if needles else {}),
                 "model": {"name": cfg.model.name, "dtype": str(model.dtype).removeprefix("torch."),
                           "device": cfg.model.device, "random_weights": cfg.model.name.startswith("random:")},
                 "num_fewshot": out.get("n-shot", {}).get(task, cfg.num_fewshot),
@@ -202,6 +204,25 @@ class LmEvalRunner:
                 "n_docs_total": out.get("n-samples", {}).get(task, {}).get("original"),
                 "kept_fraction": {"overall": kept["overall"],
                                   "per_layer": [kept["per_layer"][k] for k in sorted(kept["per_layer"])]}}
+
+
+NEEDLE_FIELDS = ("depth", "length")  # a document with both (passkey: needle depth in %, target tokens) is a needle document
+
+
+def needle_docs(samples: dict | None, metric: str) -> list[dict]:
+    """Per-document results of the needle documents among lm-eval's logged ``samples`` ({task: [sample]}):
+    ``[{task, doc_id, depth, length, <metric>}]``, what the depth x length heat map of ``alisa.report`` reads."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    out = []
+    for name, rows in sorted((samples or {}).items()):
+        for s in rows:
+            doc = s.get("doc")
+            if isinstance(doc, dict) and all(number(doc.get(k)) for k in NEEDLE_FIELDS) and number(s.get(metric)):
+                out.append({"task": name, "doc_id": s["doc_id"], "depth": doc["depth"], "length": doc["length"],
+                            metric: s[metric]})
+    return out
 
 
 def _no_git_describe() -> None:
@@ -567,6 +588,25 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+ALL_POLICIES = "all"
+
+
+def expand_policies(cfg) -> list[str]:
+    """``grid.policies`` with ``all`` replaced (in place) by every policy registered when the run starts, built-in
+    and plug-in (``alisa.policies.available()``, by name), without repeats; ``[dense, all]`` puts dense first.
+    Returns the list (``config.yaml`` records it)."""
+    names = _listify(cfg, "grid.policies")
+    if ALL_POLICIES not in names:
+        return names
+    from .policies import available
+
+    out: list = []
+    for n in names:
+        out += [m for m in (available() if n == ALL_POLICIES else [n]) if m not in out]
+    OmegaConf.update(cfg, "grid.policies", out, merge=False)
+    return out
+
+
 def run_dir_of(cfg) -> Path:
     return Path(cfg.results_dir) / cfg.experiment_name / cfg.run_id
 
@@ -578,6 +618,7 @@ def run_experiment(cfg) -> Path:
     (after the report) when some (point, task) failed. A run that ends by an exception before
     its first record (disk full, Ctrl-C, ...) removes the folders it created: no empty results.
     """
+    expand_policies(cfg)
     points = validate(cfg)
     if cfg.data_dir:
         os.environ["ALISA_DATA_DIR"] = str(cfg.data_dir)
@@ -932,6 +973,7 @@ def precheck(argv: list[str]) -> None:
             for job in jobs:
                 cfg = compose(config_name=config_name, overrides=job)
                 if multirun:
+                    expand_policies(cfg)
                     validate(cfg, machine=launcher in LOCAL_LAUNCHERS)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None

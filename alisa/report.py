@@ -2,7 +2,12 @@
 
     python -m alisa.report results/<experiment>/<run id>
 
-rewrites ``summary.csv`` and ``plots/*.png`` and prints the table.
+rewrites ``summary.csv`` and ``plots/*.png`` and prints the table. Where the run has accuracy and
+throughput records, also the Pareto fronts and the ranked leaderboard (``leaderboard.csv``,
+``leaderboard.json``: accuracy per task, mean, the engine's decode tokens/s and peak KV); where
+records carry per-document needle results (the passkey tasks), one depth x length heat map of
+retrieval accuracy per policy (``plots/needle_heatmap_<policy>.png``, one panel per sparsity,
+data in ``needle_heatmap.json``).
 
 Every record is checked before use: one that is not valid JSON or lacks what the report
 reads is skipped and listed (one line naming the file, on stderr and in ``summary.txt``),
@@ -16,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -87,6 +93,13 @@ def _check_record(r) -> None:
     for key in ("n_docs", "num_fewshot"):
         _check(r.get(key) is None or (isinstance(r[key], int) and not isinstance(r[key], bool)),
                f"{key} {r.get(key)!r} is not an integer")
+    needles = r.get("needle_docs")
+    if needles is not None:
+        metric = r["primary_metric"]
+        _check(isinstance(needles, list) and all(
+            isinstance(d, dict) and isinstance(d.get("doc_id"), int) and isinstance(d.get("task", ""), str)
+            and all(_num(d.get(k), none=False) for k in ("depth", "length", metric)) for d in needles),
+            f"needle_docs is not a list of {{task, doc_id, depth, length, {metric}}}")
 
 
 def record_problem(r) -> str | None:
@@ -302,12 +315,13 @@ def _fmt(lines: list[list[str]]) -> str:
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, tight: bool = True) -> Path:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    fig.tight_layout()
+    if tight:  # (a figure with layout="constrained" lays itself out)
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     tmp = path.with_suffix(".png.tmp")
@@ -493,6 +507,129 @@ def plot_accuracy(records: list[dict], path: Path, note: str = "") -> Path | Non
     return _save(fig, path)
 
 
+# --- the needle figure: retrieval accuracy by needle depth x context length, per policy and sparsity
+
+def needle_cells(records: list[dict]) -> list[dict]:
+    """Per setting, the mean of the primary metric in each (depth, length) cell of its records' ``needle_docs``
+    (a document scored by two records of the setting, a group and its task, counts once):
+    ``[{setting, policy, sparsity, budget, metric, tasks, cells: [{depth, length, value, n}]}]``."""
+    by: dict[str, dict] = {}
+    for r in records:
+        if not r.get("needle_docs"):
+            continue
+        e = by.setdefault(_setting(r), {"setting": _setting(r), "policy": r["policy"], "sparsity": r.get("sparsity"),
+                                        "budget": r.get("budget"), "metric": r["primary_metric"], "docs": {}})
+        for d in r["needle_docs"]:
+            e["docs"][(d.get("task") or r["task"], d["doc_id"])] = (d["depth"], d["length"], d[r["primary_metric"]])
+    out = []
+    for e in by.values():
+        cells: dict[tuple, list] = {}
+        for depth, length, v in e["docs"].values():
+            cells.setdefault((depth, length), []).append(v)
+        out.append({**{k: v for k, v in e.items() if k != "docs"}, "tasks": sorted({t for t, _ in e["docs"]}),
+                    "cells": [{"depth": d, "length": n, "value": sum(v) / len(v), "n": len(v)}
+                              for (d, n), v in sorted(cells.items())]})
+    return sorted(out, key=lambda e: (e["policy"], e["budget"] is not None, e["sparsity"] or 0.0, e["budget"] or 0))
+
+
+def _tokens(n) -> str:
+    return f"{n / 1024:g}k" if n % 1024 == 0 else f"{n:g}"
+
+
+def plot_needle_heatmaps(entries: list[dict], plots_dir: Path, where: str, note: str = "") -> list[Path]:
+    """``needle_heatmap_<policy>.png`` per policy: needle depth (rows, 0% = start of the haystack) x context length
+    (columns), colour and number = mean retrieval accuracy of the cell's documents; one panel per sparsity (budget)."""
+    import numpy as np
+
+    plt = _plt()
+    paths = []
+    for policy in sorted({e["policy"] for e in entries}):
+        mine = [e for e in entries if e["policy"] == policy]
+        depths = sorted({c["depth"] for e in mine for c in e["cells"]})
+        lengths = sorted({c["length"] for e in mine for c in e["cells"]})
+        width = max(4.8, 1.4 + (0.8 * len(lengths) + 1.0) * len(mine))
+        fig, axes = plt.subplots(1, len(mine), figsize=(width, 2.2 + 0.42 * len(depths)), squeeze=False,
+                                 layout="constrained")
+        for ax, e in zip(axes[0], mine):
+            grid = np.full((len(depths), len(lengths)), np.nan)
+            for c in e["cells"]:
+                grid[depths.index(c["depth"]), lengths.index(c["length"])] = c["value"]
+            im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+            for c in e["cells"]:
+                i, j = depths.index(c["depth"]), lengths.index(c["length"])
+                ax.text(j, i, f"{c['value']:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(lengths)), [_tokens(n) for n in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+            ax.set_xlabel("context length (tokens)")
+            n = sum(c["n"] for c in e["cells"])
+            mean = sum(c["value"] * c["n"] for c in e["cells"]) / n
+            label = ("dense" if e["setting"] == "dense" else f"budget {e['budget']}" if e["budget"] is not None
+                     else f"sparsity {e['sparsity']:g}")
+            ax.set_title(f"{label}: {mean:.2f} ({n} docs)", fontsize=9)
+        axes[0][0].set_ylabel("needle depth")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=mine[0]["metric"])
+        tasks = sorted({t for e in mine for t in e["tasks"]})
+        fig.suptitle(_noted(f"needle retrieval: {policy}\n{', '.join(tasks)}; {where}", note), fontsize=8)
+        paths.append(_save(fig, plots_dir / f"needle_heatmap_{_safe_name(policy)}.png", tight=False))
+    return paths
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+
+
+# --- the leaderboard: every setting ranked by mean accuracy, with its throughput and KV
+
+
+def leaderboard_rows(records: list[dict]) -> list[dict]:
+    """One row per setting, ranked: the primary metric of each accuracy task (perplexities left out), their mean,
+    and the engine's decode tokens/s and peak device KV bytes at its largest batch. Settings with every task come
+    first, by mean accuracy, then decode tokens/s; ``n_tasks`` says how many tasks a row has."""
+    acc, tput = split(records)
+    acc = [r for r in acc if not r["primary_metric"].endswith("perplexity")]
+    tasks = sorted({r["task"] for r in acc})
+    engine = [r for r in tput if r["throughput"]["system"] == "engine" and r["throughput"].get("status") == "ok"]
+    rows = []
+    for pid in sorted({r["point_id"] for r in acc + engine}):
+        mine = {r["task"]: r for r in acc if r["point_id"] == pid}
+        values = {t: mine[t]["metrics"][mine[t]["primary_metric"]]["value"] for t in tasks if t in mine}
+        runs = [r for r in engine if r["point_id"] == pid]
+        best = max(runs, key=lambda r: r["workload"]["batch"]) if runs else None
+        first = next(iter(mine.values()), best)
+        rows.append({"setting": _setting(first), "point_id": pid, "policy": first["policy"],
+                     "sparsity": first.get("sparsity"), "budget": first.get("budget"), "accuracy": values,
+                     "mean": sum(values.values()) / len(values) if values else None, "n_tasks": len(values),
+                     "decode_tok_s": best["throughput"]["decode_tok_s"] if best else None,
+                     "kv_bytes": kv_device(best["throughput"]) if best else None,
+                     "batch": best["workload"]["batch"] if best else None})
+    rows.sort(key=lambda r: (r["n_tasks"] < len(tasks), -(r["mean"] if r["mean"] is not None else -1.0),
+                             -(r["decode_tok_s"] or 0.0), r["setting"]))
+    return [{"rank": i + 1, **r} for i, r in enumerate(rows)]
+
+
+def leaderboard_table(rows: list[dict]) -> str:
+    tasks = sorted({t for r in rows for t in r["accuracy"]})
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)
+    lines = [["#", "setting", *[t.removesuffix("_local") for t in tasks], "mean", "tasks", "decode tok/s", "peak KV MB"]]
+    for r in rows:
+        lines.append([str(r["rank"]), r["setting"], *[f(r["accuracy"].get(t), ".3f") for t in tasks], f(r["mean"], ".4f"),
+                      f"{r['n_tasks']}/{len(tasks)}", f(r["decode_tok_s"], ".1f"),
+                      f(None if r["kv_bytes"] is None else r["kv_bytes"] / 1e6, ".1f")])
+    return _fmt(lines)
+
+
+def leaderboard_csv(rows: list[dict]) -> str:
+    tasks = sorted({t for r in rows for t in r["accuracy"]})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["rank", "setting", "policy", "sparsity", "budget", *tasks, "mean", "n_tasks", "decode_tok_s",
+                "kv_device_bytes_peak", "batch"])
+    for r in rows:
+        w.writerow([r["rank"], r["setting"], r["policy"], r["sparsity"], r["budget"], *[r["accuracy"].get(t) for t in tasks],
+                    r["mean"], r["n_tasks"], r["decode_tok_s"], r["kv_bytes"], r["batch"]])
+    return buf.getvalue()
+
+
 def rebuild(run_dir: Path, echo: bool = False) -> dict:
     """Rewrite summary.csv and the plots of ``run_dir`` from its JSON records.
 
@@ -527,7 +664,7 @@ def rebuild(run_dir: Path, echo: bool = False) -> dict:
     w.writerows(rows)
     write_atomic(run_dir / "summary.csv", buf.getvalue())
     plots_dir = run_dir / "plots"
-    parts, plots, pareto = [], [], []
+    parts, plots, pareto, board = [], [], [], []
     if mixed:
         parts.append(f"NOTE: {note} (marked [setting=value] below)")
     if acc:
@@ -551,6 +688,20 @@ def rebuild(run_dir: Path, echo: bool = False) -> dict:
                                      "peak KV held on the device tier (MB)", False,
                                      _noted(f"accuracy vs KV memory: {where}", note), scale=1e6))
             write_atomic(run_dir / "pareto.json", json.dumps(pareto, indent=2) + "\n")
+        board = leaderboard_rows(records)
+        if board:
+            w = next(r["workload"] for r in tput)
+            n_tasks = len({t for r in board for t in r["accuracy"]})
+            parts.append(f"Leaderboard (ranked by mean accuracy over {n_tasks} tasks; decode tok/s and peak KV on the "
+                         f"device tier of the engine at its largest batch, prompt {w['prompt']}, {w['new_tokens']} new):\n"
+                         + leaderboard_table(board))
+            write_atomic(run_dir / "leaderboard.csv", leaderboard_csv(board))
+            write_atomic(run_dir / "leaderboard.json", json.dumps(board, indent=2) + "\n")
+    needles = needle_cells(acc)
+    if needles:
+        where = f"{records[0]['model']['name']} on {records[0]['hardware']['device']}"
+        plots += plot_needle_heatmaps(needles, plots_dir, where, acc_note)
+        write_atomic(run_dir / "needle_heatmap.json", json.dumps(needles, indent=2) + "\n")
     text = "\n\n".join(parts + ["\n".join(failure_lines(failed))] * bool(failed)
                        + ["\n".join(f"SKIPPED {line.removeprefix('skipped ')}" for line in skipped)] * bool(skipped))
     write_atomic(run_dir / "summary.txt", text + "\n")
@@ -558,7 +709,7 @@ def rebuild(run_dir: Path, echo: bool = False) -> dict:
         print(text)
         print(f"results: {run_dir}")
     return {"records": records, "failures": failed, "skipped": skipped, "mixed": mixed, "rows": rows, "table": text,
-            "pareto": pareto, "plots": [p for p in plots if p]}
+            "pareto": pareto, "leaderboard": board, "needle": needles, "plots": [p for p in plots if p]}
 
 
 def main(argv: list[str] | None = None) -> int:
