@@ -90,7 +90,7 @@ def run_cli(*args, cwd):
 # results folder: test_unwritable_results_dir below; a bad value in one job of a multirun:
 # tests/test_sweeps.py::test_multirun_bad_job_fails_before_any_job_starts.)
 @pytest.mark.parametrize("args,message", [
-    pytest.param(["+experiment=nope"], "error: unknown experiment 'nope': allowed are ci_regression, long_context, paper_accuracy, paper_throughput, paper_throughput_cpu, quickstart, throughput_quick, tradeoff",
+    pytest.param(["+experiment=nope"], "error: unknown experiment 'nope': allowed are ci_regression, leaderboard, leaderboard_cpu, long_context, paper_accuracy, paper_throughput, paper_throughput_cpu, quickstart, throughput_quick, tradeoff",
                  id="unknown_experiment"),
     pytest.param(["grid.policies=[dense,swa9]"], "error: unknown policy 'swa9': allowed are dense, h2o, local, quest, sinks, snapkv, strided, swa, tova",
                  id="unknown_policy"),
