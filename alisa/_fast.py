@@ -193,12 +193,12 @@ if numba is not None:
     _F4 = "float32[:,:,:,::1]"
     _A = (f"float32[:,:,:,:,::1], {_F4}, {_F4}, {_F4}, {_F4}, int64[:,:], float32, int64[:,:], int64[:,:], "
           "int64, int64, int64, int64, boolean, int64, boolean[:,:,:]")
-    _SIGS = [f"void(int64, {_A}, float64[:,:], {elig}[:,:], float32[:,:,:], int64[:,:], float32[:,:,:,:,::1], boolean[:,:,::1], int64[:,::1])"
+    _SIGS = [f"void(int64, {_A}, float64[:,:], {elig}[:,:], float32[:,:,:], int64[:,:], float32[:,:,:,:,::1], boolean[:,:,::1])"
              for elig in ("boolean", "int32")]  # h2o, swa: two compilations in all
 
     @njit(_SIGS, cache=True, parallel=True)
     def attend(kind, qry, keys, vals, xkeys, xvals, loc, scale, pos, qpos, p, q, budget, window, dense_all, mode,
-               given, score, elig, ring, ring_q, out, keep_out, counts):
+               given, score, elig, ring, ring_q, out, keep_out):
         """A block of queries, in order, every row of the batch in parallel: select, attend the
         kept keys (logits, softmax and P·V over those keys only), feed the row back.
 
@@ -210,7 +210,7 @@ if numba is not None:
         State: h2o: score = acc (B, C) f64, elig = evicted (B, C) bool; swa: score = S (B, C)
         f64, elig = nz (B, C) int32, ring (B, R, C) float32, ring_q (B, R) int64.
         Outputs (every entry written): out (B, H_kv, G, Q, Dv) float32 (not in mode 1),
-        keep_out (B, Q, C) bool, counts (B, Q) keys attended.
+        keep_out (B, Q, C) bool.
         """
         B, C = pos.shape
         Hkv, G, Q = qry.shape[1], qry.shape[2], qry.shape[3]
@@ -230,7 +230,6 @@ if numba is not None:
                 keep = keep_out[b, i]
                 if t < 0:
                     keep[:] = False
-                    counts[b, i] = 0
                     if mode != 1:
                         out[b, :, :, i, :] = 0.0
                     continue
@@ -245,7 +244,6 @@ if numba is not None:
                         idx[m] = c
                         cols[m] = c if ident else loc[b, c]
                         m += 1
-                counts[b, i] = m
                 if mode == 1:
                     continue
                 row[:m] = 0.0

@@ -19,7 +19,7 @@ from .kvstore import SlotStore
 from .policies import Policy, PolicyState, causal
 
 
-OBSERVE_BLOCK = 128  # query rows whose logits and probabilities a stateful chunk materialises at once
+OBSERVE_BLOCK = 128  # queries per call of a stateful chunk (the reference route materialises their logits)
 
 
 class KeptStats:
@@ -49,12 +49,12 @@ ROUTE = os.environ.get("ALISA_ROUTE", "auto")  # "auto": compiled where it appli
 _warned: set[str] = set()
 
 
-def route(policy: Policy, pos: torch.Tensor, logits: torch.Tensor | None = None) -> str:
+def route(policy: Policy, pos: torch.Tensor, query: torch.Tensor | None = None) -> str:
     """Which implementation runs a stateful step: ``"compiled"`` (numba, CPU tensors, a policy
     with a kernel) or ``"reference"`` (PyTorch, one query at a time; any device, any policy)."""
     if ROUTE == "reference" or policy.kernel is None or pos.device.type != "cpu":
         return "reference"
-    if logits is not None and logits.requires_grad:
+    if query is not None and query.requires_grad:
         return "reference"  # the compiled route is not differentiable
     if policy.budget is None and policy._q > 2 ** 31:  # p·n must fit in int64 inside the kernel
         return "reference"
@@ -211,13 +211,11 @@ def _compiled(policy, state, pos, q_pos, query, keys, values, scale, loc, xkeys,
         xk, xv = (f32(xkeys), f32(xvals)) if xkeys is not None else (k[:, :, :0], v[:, :, :0])
         out = torch.empty(B, Hkv, Hq // Hkv, Q, v.shape[3], dtype=torch.float32)
     keep_out = torch.empty(B, Q, C, dtype=torch.bool)
-    counts = torch.empty(B, Q, dtype=torch.long)
     given = keep.contiguous() if keep is not None else keep_out
     _fast.attend(policy.kernel, _np(qry), _np(k), _np(v), _np(xk), _np(xv), _np(_NO_LOC if loc is None else loc[:, :C]),
                  np.float32(scale), _np(pos), _np(q_pos), policy._p, policy._q,
                  -1 if policy.budget is None else policy.budget, -1 if sliding_window is None else sliding_window,
-                 bool(dense), mode, _np(given), _np(score), _np(elig), _np(ring), _np(ring_q), _np(out), _np(keep_out),
-                 _np(counts))
+                 bool(dense), mode, _np(given), _np(score), _np(elig), _np(ring), _np(ring_q), _np(out), _np(keep_out))
     if select_only:
         return None, keep_out
     return out.view(B, -1, Q, out.shape[-1]).to(values.dtype), keep_out

@@ -17,6 +17,8 @@ POLICY_SETTINGS = [
     ("swa", dict(sparsity=0.8)),
     ("swa", dict(sparsity=0.5)),
     ("swa", dict(budget=9)),
+    # tova/snapkv/quest run on the per-query reference route (no kernel): their second budget
+    # form (the other of sparsity/budget, already covered for h2o/swa) runs with -m slow only
     ("tova", dict(budget=9)),
     pytest.param("tova", dict(sparsity=0.8), marks=pytest.mark.slow),
     ("snapkv", dict(sparsity=0.7, window=4, prompt=20)),  # prompt=: the same prompt whatever the split
