@@ -34,7 +34,7 @@ try:  # pragma: no cover - exercised by the fallback test
 except ImportError:  # pragma: no cover
     numba = None
 
-H2O, SWA = 0, 1  # kernel kinds; the state arrays each one uses are listed in attend()
+H2O, SWA, TOVA, SNAPKV = 0, 1, 2, 3  # kernel kinds; the state arrays each one uses are listed in attend()
 
 
 def available() -> bool:
@@ -51,6 +51,13 @@ if numba is not None:
         else:
             k = (p * n + q) // (2 * q)
         return max(1, k)
+
+    @njit(cache=True, inline="always")
+    def _full(n, p, q, budget):
+        """K = max(1, round(r·n)) with r = p/q (round half up), or min(n, B)."""
+        if budget >= 0:
+            return min(n, budget)
+        return max(1, (2 * p * n + q) // (2 * q))
 
     @njit(cache=True)
     def _kth_smallest(a, m, kth):
@@ -79,13 +86,74 @@ if numba is not None:
         return a[kth]
 
     @njit(cache=True)
+    def _top(vals, m, kk, scratch, top):
+        """top[j] (j < m) = whether vals[j] is among the kk largest of vals[:m], ties to the larger j
+        (the more recent slot); ``scratch`` is overwritten."""
+        if kk >= m:
+            top[:m] = True
+            return
+        top[:m] = False
+        if kk <= 0:
+            return
+        for j in range(m):
+            scratch[j] = vals[j]
+        thr = _kth_smallest(scratch, m, m - kk)
+        greater = 0
+        for j in range(m - kk + 1, m):  # after the partition: the larger ones sit above m - kk
+            if scratch[j] > thr:
+                greater += 1
+        need = kk - greater
+        for j in range(m - 1, -1, -1):
+            v = vals[j]
+            if v > thr:
+                top[j] = True
+            elif v == thr and need > 0:
+                top[j] = True
+                need -= 1
+
+    @njit(cache=True)
+    def _snap_compress(pos, S, evicted, P, w, pool, p, q, budget):
+        """SnapKV at the end of the prompt (positions < P) of one row: keep the last min(w, K(P))
+        prompt keys and the top of the earlier ones by S summed over a box of ``pool`` positions
+        (candidates only); evict the other prompt keys."""
+        C = pos.shape[0]
+        K = _full(max(P, 1), p, q, budget)
+        kw = min(K, w)
+        edge = P - kw
+        h = pool // 2
+        by_pos = np.zeros(P + 2 * h + 1, np.float64)
+        for c in range(C):
+            if pos[c] >= 0 and pos[c] < edge:
+                by_pos[pos[c] + h] += S[c]
+        vals = np.empty(C, np.float64)
+        slot = np.empty(C, np.int64)
+        m = 0
+        for c in range(C):
+            pc = pos[c]
+            if pc >= 0 and pc < edge:
+                s = 0.0
+                for i in range(2 * h + 1):
+                    s += by_pos[pc + i]
+                vals[m] = s
+                slot[m] = c
+                m += 1
+        top = np.empty(max(m, 1), np.bool_)
+        _top(vals, m, K - kw, np.empty(max(m, 1), np.float64), top)
+        for j in range(m):
+            if not top[j]:
+                evicted[slot[j]] = True
+
+    @njit(cache=True)
     def _select(keep, pos, t, k, score, elig, kind, window, dense_all, scratch):
         """keep[:] = the keys of the query at t (bool row over C slots); ``scratch`` is reordered."""
         C = pos.shape[0]
         n = t + 1
-        if dense_all or 2 * k >= n:
+        if dense_all or (kind <= SWA and 2 * k >= n):
             for c in range(C):
                 keep[c] = pos[c] >= 0 and pos[c] <= t
+        elif kind >= TOVA:  # every causal key not evicted
+            for c in range(C):
+                keep[c] = pos[c] >= 0 and pos[c] <= t and not elig[c]
         else:
             m = 0
             for c in range(C):
@@ -193,12 +261,12 @@ if numba is not None:
     _F4 = "float32[:,:,:,::1]"
     _A = (f"float32[:,:,:,:,::1], {_F4}, {_F4}, {_F4}, {_F4}, int64[:,:], float32, int64[:,:], int64[:,:], "
           "int64, int64, int64, int64, boolean, int64, boolean[:,:,:]")
-    _SIGS = [f"void(int64, {_A}, float64[:,:], {elig}[:,:], float32[:,:,:], int64[:,:], float32[:,:,:,:,::1], boolean[:,:,::1])"
-             for elig in ("boolean", "int32")]  # h2o, swa: two compilations in all
+    _SIGS = [f"void(int64, {_A}, float64[:,:], {elig}[:,:], float32[:,:,:], int64[:,:], int64[:], float32[:,:,:,:,::1], boolean[:,:,::1])"
+             for elig in ("boolean", "int32")]  # evicted flags (h2o, tova, snapkv), swa's counts: two compilations in all
 
     @njit(_SIGS, cache=True, parallel=True)
     def attend(kind, qry, keys, vals, xkeys, xvals, loc, scale, pos, qpos, p, q, budget, window, dense_all, mode,
-               given, score, elig, ring, ring_q, out, keep_out):
+               given, score, elig, ring, ring_q, hyper, out, keep_out):
         """A block of queries, in order, every row of the batch in parallel: select, attend the
         kept keys (logits, softmax and P·V over those keys only), feed the row back.
 
@@ -208,7 +276,9 @@ if numba is not None:
         qpos (B, Q) int64 (-1: padding query: attends nothing, output zero).
         mode 0: select, attend, observe; 1: select only; 2: attend + observe the selection ``given`` (B, Q, C).
         State: h2o: score = acc (B, C) f64, elig = evicted (B, C) bool; swa: score = S (B, C)
-        f64, elig = nz (B, C) int32, ring (B, R, C) float32, ring_q (B, R) int64.
+        f64, elig = nz (B, C) int32, ring (B, R, C) float32, ring_q (B, R) int64; tova: elig =
+        evicted; snapkv: score = S, elig = evicted, ring_q = the prompt length P (B, 1), hyper =
+        (window, pool). ``hyper``: the policy's integer hyperparameters (``Policy.kernel_params``).
         Outputs (every entry written): out (B, H_kv, G, Q, Dv) float32 (not in mode 1),
         keep_out (B, Q, C) bool.
         """
@@ -225,6 +295,7 @@ if numba is not None:
             acc = np.empty((G, Dv), np.float32)
             bits = np.empty(C, np.int32)
             qbuf = np.empty((Hkv, G, qry.shape[4]), np.float32)  # contiguous: the dot products vectorise
+            top = np.empty(C, np.bool_)
             for i in range(Q):
                 t = qpos[b, i]
                 keep = keep_out[b, i]
@@ -258,6 +329,22 @@ if numba is not None:
                         pc = pos[b, c]
                         if pc >= 0 and pc <= t and not keep[c]:
                             elig[b, c] = True
+                elif kind == TOVA:  # the row keeps its top K(n + 1) - 1 keys; every other causal key goes
+                    _top(row, m, _full(t + 2, p, q, budget) - 1, scratch, top)
+                    for c in range(C):
+                        pc = pos[b, c]
+                        if pc >= 0 and pc <= t:
+                            elig[b, c] = True
+                    for j in range(m):
+                        if top[j]:
+                            elig[b, idx[j]] = False
+                elif kind == SNAPKV:  # the observation window's rows accumulate; compress after the prompt
+                    P = ring_q[b, 0]
+                    if t >= P - hyper[0] and t < P:
+                        for j in range(m):
+                            score[b, idx[j]] += row[j]
+                    if t == P - 1:
+                        _snap_compress(pos[b], score[b], elig[b], P, hyper[0], hyper[1], p, q, budget)
                 else:
                     R = ring.shape[1]
                     st = t % R

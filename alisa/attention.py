@@ -191,12 +191,12 @@ def _compiled(policy, state, pos, q_pos, query, keys, values, scale, loc, xkeys,
     from . import _fast
 
     B, Q = q_pos.shape
-    score, elig, ring, ring_q = policy.kernel_state(state)
-    pos, score, elig = pos[:, :C], score[:, :C], elig[:, :C]
-    if ring is None:
-        ring, ring_q = _NO_RING
-    else:
-        ring = ring[:, :, :C]  # a ring row is zero past its query's own slot, so the prefix is the row
+    score, elig, ring, ring_q = policy.kernel_state(state, pos)
+    pos, elig = pos[:, :C], elig[:, :C]
+    score = pos.new_zeros(B, 0, dtype=torch.float64) if score is None else score[:, :C]
+    # a ring row is zero past its query's own slot, so the prefix is the row
+    ring = _NO_RING[0] if ring is None else ring[:, :, :C]
+    ring_q = _NO_RING[1] if ring_q is None else ring_q
     f32 = lambda t: t.detach().to(torch.float32).contiguous()  # no copy for a float32 buffer
     if select_only:
         mode, qry = 1, _NO_QUERY
@@ -215,7 +215,8 @@ def _compiled(policy, state, pos, q_pos, query, keys, values, scale, loc, xkeys,
     _fast.attend(policy.kernel, _np(qry), _np(k), _np(v), _np(xk), _np(xv), _np(_NO_LOC if loc is None else loc[:, :C]),
                  np.float32(scale), _np(pos), _np(q_pos), policy._p, policy._q,
                  -1 if policy.budget is None else policy.budget, -1 if sliding_window is None else sliding_window,
-                 bool(dense), mode, _np(given), _np(score), _np(elig), _np(ring), _np(ring_q), _np(out), _np(keep_out))
+                 bool(dense), mode, _np(given), _np(score), _np(elig), _np(ring), _np(ring_q),
+                 np.asarray(policy.kernel_params, dtype=np.int64), _np(out), _np(keep_out))
     if select_only:
         return None, keep_out
     return out.view(B, -1, Q, out.shape[-1]).to(values.dtype), keep_out

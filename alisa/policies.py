@@ -162,6 +162,7 @@ class Policy(abc.ABC):
     name: ClassVar[str] = ""
     stateful: ClassVar[bool] = False
     kernel: ClassVar[int | None] = None  # the compiled route's kind (alisa._fast), None: reference route only
+    kernel_params: tuple[int, ...] = ()  # integer hyperparameters the compiled route reads (alisa._fast.attend's hyper)
     attends_all_at_prefill: ClassVar[bool] = False  # the prompt attends fully whatever ``prefill`` says
     takes_budget: ClassVar[bool] = True  # False: no sparsity or budget (one grid point, where baselines run)
 
@@ -454,8 +455,9 @@ class H2O(TwoPart):
     def eligible(self, state):
         return ~state.slot["evicted"]
 
-    def kernel_state(self, state):
-        """(score, eligibility source, ring, ring index) for the compiled route."""
+    def kernel_state(self, state, pos):
+        """(score, eligibility source, ring, ring index) for the compiled route (None: unused);
+        ``pos`` (B, C): the slots of the step."""
         return state.slot["acc"], state.slot["evicted"], None, None
 
     def observe(self, state, pos, t, keep, row):
@@ -502,7 +504,7 @@ class SWA(TwoPart):
     def eligible(self, state):
         return state.slot["nz"] > 0
 
-    def kernel_state(self, state):
+    def kernel_state(self, state, pos):
         return state.slot["S"], state.slot["nz"], state.slot["ring"], state.other["ring_q"]
 
     def prepare(self, state, n_max):

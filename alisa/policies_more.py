@@ -1,9 +1,10 @@
 """Policies people compare against: TOVA, SnapKV, Quest (docs/semantics.md §2).
 
 Each is one small class on the interface of :mod:`alisa.policies`, used unchanged by the
-accuracy path, the decode path and the runtime, and exact between them. None has a
-compiled kernel (``kernel = None``): their stateful step runs on the PyTorch reference
-route of :func:`alisa.attention.attend_with_feedback`.
+accuracy path, the decode path and the runtime, and exact between them. TOVA and SnapKV
+have a compiled kernel (``alisa._fast``) beside the PyTorch reference route of
+:func:`alisa.attention.attend_with_feedback`; Quest is stateless (its page bounds follow the
+keys, not the rows) and runs as one masked attention.
 
 References: TOVA, Oren et al., "Transformers are Multi-State RNNs" (EMNLP 2024,
 arXiv 2401.06104); SnapKV, Li et al., "SnapKV: LLM Knows What You are Looking for Before
@@ -58,9 +59,13 @@ class TOVA(_Evicting):
     """
 
     name = "tova"
+    kernel = 2  # alisa._fast.TOVA
 
     def new_state(self, batch, device):
         return PolicyState(slot={"evicted": torch.zeros(batch, 0, dtype=torch.bool, device=device)})
+
+    def kernel_state(self, state, pos):
+        return None, state.slot["evicted"], None, None
 
     def recent_count(self, n):
         return _at_most(n, 1)  # only the query's own token is certain to be attended
@@ -111,6 +116,7 @@ class SnapKV(_Evicting):
     """
 
     name = "snapkv"
+    kernel = 3  # alisa._fast.SNAPKV
 
     def __init__(self, sparsity=None, budget=None, window: int = 32, pool: int = 5, prompt: int | None = None):
         super().__init__(sparsity=sparsity, budget=budget)
@@ -123,6 +129,10 @@ class SnapKV(_Evicting):
     @property
     def params(self):
         return {"window": self.window, "pool": self.pool, "prompt": self.prompt}
+
+    @property
+    def kernel_params(self):
+        return (self.window, self.pool)
 
     def expected_held(self, n):
         if self.prompt is None:
@@ -143,13 +153,20 @@ class SnapKV(_Evicting):
             other={"P": torch.full((batch,), -1 if self.prompt is None else self.prompt, dtype=torch.long, device=device)},
             known=self.prompt is not None)
 
+    def _know_prompt(self, state, pos):
+        if not state.known:  # the first query of this store: every slot it holds is prompt
+            state.other["P"].copy_(pos.max(1).values.clamp(min=-1) + 1)
+            state.known = True
+
+    def kernel_state(self, state, pos):
+        self._know_prompt(state, pos)
+        return state.slot["S"], state.slot["evicted"], None, state.other["P"][:, None]
+
     def observe(self, state, pos, t, keep, row):
         if not self.needs_rows:
             return
+        self._know_prompt(state, pos)
         P = state.other["P"]
-        if not state.known:  # the first query of this store: every slot it holds is prompt
-            P.copy_(pos.max(1).values.clamp(min=-1) + 1)
-            state.known = True
         real = t >= 0
         window = real & (t >= P - self.window) & (t < P)
         state.slot["S"] += torch.where(window[:, None], row.to(torch.float64), 0.0)

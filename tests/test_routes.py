@@ -19,7 +19,9 @@ from conftest import padded_batch, tiny_model
 from test_equivalence import decode
 
 SETTINGS = [("h2o", dict(sparsity=0.8)), ("h2o", dict(budget=9)), ("swa", dict(sparsity=0.8)),
-            ("swa", dict(sparsity=0.5)), ("swa", dict(budget=9))]
+            ("swa", dict(sparsity=0.5)), ("swa", dict(budget=9)), ("tova", dict(sparsity=0.8)),
+            ("tova", dict(budget=9)), ("snapkv", dict(sparsity=0.8, window=4, pool=3)),
+            ("snapkv", dict(budget=9, window=6))]
 IDS = [f"{n}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for n, kw in SETTINGS]
 T = 40
 
@@ -70,7 +72,7 @@ def test_accuracy_and_decode_paths(monkeypatch, family_model, name, kw):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["h2o", "swa"])
+@pytest.mark.parametrize("name", ["h2o", "swa", "tova", "snapkv"])
 def test_dense_prefill_and_sliding_window(monkeypatch, name):
     model = tiny_model("mistral", sliding_window=8)
     ids, mask = padded_batch(T)
@@ -123,7 +125,7 @@ def test_topk_ties_go_to_the_more_recent_on_both_routes(monkeypatch, name):
     for trial in range(20):
         state = policy.new_state(B, torch.device("cpu"))
         state.append(C)
-        score, elig, _, _ = policy.kernel_state(state)
+        score, elig, _, _ = policy.kernel_state(state, pos)
         score.copy_(torch.randint(0, 4, (B, C), generator=g).double())
         if name == "swa":
             elig.copy_(torch.randint(0, 2, (B, C), generator=g, dtype=torch.int32))
@@ -138,6 +140,21 @@ def test_topk_ties_go_to_the_more_recent_on_both_routes(monkeypatch, name):
     # and the reference itself is the stable sort with the tie rule
     score = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0]])
     assert topk_mask(score, torch.ones(1, 6, dtype=torch.bool), torch.tensor([2]))[0].nonzero().flatten().tolist() == [2, 4]
+
+
+def test_kernel_top_is_topk_mask_with_ties():
+    """The compiled top-k of a row (TOVA's eviction, SnapKV's compression) is topk_mask's, ties included."""
+    from alisa import _fast
+
+    g = torch.Generator().manual_seed(5)
+    for trial in range(200):
+        m = int(torch.randint(1, 40, (1,), generator=g))
+        vals = torch.randint(0, 5, (m,), generator=g).float()
+        kk = int(torch.randint(-1, m + 2, (1,), generator=g))
+        top = torch.zeros(m, dtype=torch.bool)
+        _fast._top(vals.numpy(), m, kk, torch.empty(m, dtype=torch.float64).numpy(), top.numpy())
+        ref = topk_mask(vals[None], torch.ones(1, m, dtype=torch.bool), torch.tensor([max(kk, 0)]))[0]
+        assert torch.equal(top, ref), (trial, vals, kk)
 
 
 def test_missing_numba_falls_back_with_one_warning(monkeypatch):

@@ -157,13 +157,18 @@ def test_sigkill_mid_sweep_loses_at_most_the_point_in_flight(tmp_path, data_root
 
 def test_joblib_multirun_two_workers_one_folder(tmp_path, data_root):
     """4 jobs on 2 joblib workers; dense appears in two jobs (once per sparsity) and is computed once."""
-    r = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, "grid.policies=dense,local",
-                "grid.sparsities=0.5,0.8", f"results_dir={tmp_path}", "experiment_name=jl", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    cmd, kw = cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, "grid.policies=dense,local",
+                  "grid.sparsities=0.5,0.8", f"results_dir={tmp_path}", "experiment_name=jl", cwd=tmp_path)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
     run = tmp_path / "jl" / "main"
     assert stems(run / "points") == ["dense-s0__copa_local", "local-s0.5__copa_local", "local-s0.8__copa_local"]
     recs = load_records(run)
-    assert len({r["pid"] for r in recs}) == 2  # two worker processes, neither the launcher
+    # Worker processes, never the launcher. loky may hand every job to the first worker while the
+    # second is still starting (CI saw that once), so one or two distinct workers are both right.
+    pids = {r["pid"] for r in recs}
+    assert proc.pid not in pids and 1 <= len(pids) <= 2, pids
     assert all(r["status"] == "ok" and r["run_id"] == "main" for r in recs)
     rows = (run / "summary.csv").read_text().splitlines()
     assert len(rows) == 1 + 3  # the last job's report sees every point
