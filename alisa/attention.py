@@ -104,7 +104,9 @@ def attend_with_feedback(
     ``keys[:, :, c]`` (keys (B, H_kv, U >= C, D)) or, with ``loc`` (B, C), ``keys[:, :, loc]``
     where ``0 <= loc < U`` and ``xkeys[:, :, loc - U]`` where ``loc >= U`` (the runtime's device
     pool plus the keys it fetched or recomputed for this step; -1: a slot no query selects);
-    values alike. Each query
+    values alike. Every column must be finite, also one no slot maps to (the reference route
+    multiplies the whole buffer by probabilities that are zero there; a :class:`Pool` zeroes
+    the columns it has not written). Each query
     selects its keys (``dense``: all causal keys), attends them with one softmax, and its
     attention row summed over all query heads goes back to the policy
     (:meth:`~alisa.policies.Policy.observe`) before the next query selects.
@@ -131,13 +133,25 @@ def attend_with_feedback(
     C = pos.shape[1]
     logits = None
     if not select_only:
-        K, V = _logical(keys, values, loc, xkeys, xvals, cols)
-        logits = grouped_logits(query, K)  # (B, H_kv, G, Q, cols)
-        if cols < C:  # later slots are never attended by these queries (their rows are zero there)
-            logits = F.pad(logits, (0, C - cols))
+        if loc is None:  # slot c is column c
+            logits = grouped_logits(query, keys[:, :, :cols])  # (B, H_kv, G, Q, cols)
+            if cols < C:  # later slots are never attended by these queries (their rows are zero there)
+                logits = F.pad(logits, (0, C - cols))
+        else:  # in column space: the buffer's columns, then the extra ones; no gather of K or V
+            logits = grouped_logits(query, keys)
+            if xkeys is not None:
+                logits = torch.cat([logits, grouped_logits(query, xkeys)], -1)
+    N = C if logits is None else logits.shape[-1]
+    there = None if loc is None else loc >= 0
+    dump = None if loc is None else torch.where(there, loc, N)  # slot -> column; N: a slot with no column
 
     def allowed(sel: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return sel if sliding_window is None else sel & (t - pos < sliding_window)  # the model's own window
+
+    def columns(sel: torch.Tensor) -> torch.Tensor:  # a selection over slots (B, C) -> over columns (B, N)
+        if loc is None:
+            return sel
+        return sel.new_zeros(B, N + 1).scatter_(1, torch.where(sel, dump, N), True)[:, :N]
 
     probs = None if logits is None else torch.zeros_like(logits)
     keeps = []
@@ -155,34 +169,26 @@ def attend_with_feedback(
         keeps.append(k_i)
         if logits is None:
             continue
-        attend = k_i | (t < 0)[:, None]
+        attend = columns(k_i) | (t < 0)[:, None]  # a padding query attends everything: unused, but finite
         p = torch.softmax((logits[:, :, :, i] * scale).masked_fill(~attend[:, None, None], float("-inf")), dim=-1)
         probs[:, :, :, i] = p
         if observing:
-            row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, C)
+            row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, N)
+            if loc is not None:  # back to slot order; zero for a slot with no column
+                row = torch.where(there, row.gather(1, torch.where(there, loc, 0)), 0)
             policy.observe(state, pos, t, k_i, row)
     keep = torch.stack(keeps, 1)[..., :cols]
     if probs is None:
         return None, keep
     Hkv, G = probs.shape[1], probs.shape[2]
-    out = torch.matmul(probs[..., :cols].to(V.dtype).view(B, Hkv, G * Q, cols), V)  # (B, H_kv, G*Q, D_v)
-    return out.view(B, Hkv * G, Q, -1), keep
-
-
-def _logical(keys, values, loc, xkeys, xvals, cols):
-    """Keys and values (B, H_kv, cols, D) in slot order (the reference route's view of the slots)."""
     if loc is None:
-        return keys[:, :, :cols], values[:, :, :cols]
-    if xkeys is not None:
-        keys, values = torch.cat([keys, xkeys], 2), torch.cat([values, xvals], 2)
-    loc = loc[:, :cols]
-    there = loc >= 0
-
-    def take(t):  # zero where no key is there: a free buffer column may hold anything, NaN included
-        B, H, _, D = t.shape
-        return t.gather(2, torch.where(there, loc, 0)[:, None, :, None].expand(B, H, cols, D)).masked_fill(~there[:, None, :, None], 0)
-
-    return take(keys), take(values)
+        out = torch.matmul(probs[..., :cols].to(values.dtype).view(B, Hkv, G * Q, cols), values[:, :, :cols])
+    else:
+        U = keys.shape[2]
+        out = torch.matmul(probs[..., :U].to(values.dtype).view(B, Hkv, G * Q, U), values)
+        if xvals is not None:
+            out = out + torch.matmul(probs[..., U:].to(xvals.dtype).view(B, Hkv, G * Q, N - U), xvals)
+    return out.view(B, Hkv * G, Q, -1), keep  # (B, H_q, Q, D_v)
 
 
 def _compiled(policy, state, pos, q_pos, query, keys, values, scale, loc, xkeys, xvals, C, keep, select_only, dense,

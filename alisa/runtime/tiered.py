@@ -151,7 +151,7 @@ class Pool:
         B, m = valid.shape
         remap = None
         if not self.buf:
-            self.buf = {k: v.new_empty(*v.shape[:2], 0, v.shape[3]) for k, v in enc.items()}
+            self.buf = {k: v.new_zeros(*v.shape[:2], 0, v.shape[3]) for k, v in enc.items()}
             self.live = torch.zeros(B, 0, dtype=torch.bool, device=self.device)
         if self.used + m > self.capacity:
             remap = self.compact(extra=m)
@@ -198,7 +198,7 @@ class Pool:
             cap = int(need * self.GROWTH) + 16
         new = {}
         for k, v in self.buf.items():
-            b = v.new_empty(*v.shape[:2], cap, v.shape[3])
+            b = v.new_zeros(*v.shape[:2], cap, v.shape[3])  # zero, not empty: attention multiplies unwritten columns by 0
             b[:, :, :keep] = _take(v, idx)
             new[k] = b
         self.buf = new
