@@ -431,6 +431,8 @@ class TwoPart(Policy):
         return recent | top if dense is False else torch.where(dense, c, recent | top)
 
     def retain(self, pos, t_next, state):
+        if not self.needs_rows:  # sparsity 0: every row is dense, every key stays
+            return pos >= 0
         keep = (pos >= 0) & self._still_needed(pos, t_next, state)
         return keep | ((pos >= 0) & (t_next[:, None] + 1 <= self.dense_horizon))
 

@@ -132,7 +132,7 @@ class Generation:
             "throughput_tok_s": B * new / self.total_s,  # the paper's metric: generated tokens / end-to-end time
             "decode_tok_s": B * len(self.step_s) / decode_s if decode_s > 0 else None,
             "prefill_s": self.prefill_s, "decode_s": decode_s, "total_s": self.total_s,
-            "step_s_mean": decode_s / len(self.step_s) if self.step_s else None,
+            "step_s_mean": decode_s / len(self.step_s) if self.step_s else None, "step_s": list(self.step_s),
             "kv_bytes_peak": self.kv, "tiers_per_step": self.tiers, "phase_per_step": self.phases,
             "phase_switch_steps": _switches(self.phases),
             "bytes_d2h": self.traffic.d2h_bytes, "bytes_h2d": self.traffic.h2d_bytes,
