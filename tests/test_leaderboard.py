@@ -60,8 +60,9 @@ def test_full_grid_and_cpu_subset_name_real_tasks():
                                            "cwe", "fwe") for n in ("1k", "2k", "4k")} <= set(full.tasks)
     cpu = compose_cfg(["+experiment=leaderboard_cpu"])
     assert list(cpu.grid.policies) == ["all"]  # every registered policy: each has a compiled or one-pass CPU route
+    assert expand_policies(cpu) == P.available()  # as the run expands it, before validating
     points = validate(cpu, machine=False)
-    assert sorted(p["policy"] for p in points) == sorted(P.available())
+    assert [p["policy"] for p in points] == P.available()
     assert {p["sparsity"] for p in points if p["policy"] != "dense"} == {0.8}
     for cfg in (full, cpu):  # every task and task limit names a task lm-eval finds in tasks/
         tasks = [t for t in expand_tasks(cfg) if not t.startswith("tput-")]
