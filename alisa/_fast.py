@@ -144,8 +144,9 @@ if numba is not None:
                 evicted[slot[j]] = True
 
     @njit(cache=True)
-    def _select(keep, pos, t, k, score, elig, kind, window, dense_all, scratch):
-        """keep[:] = the keys of the query at t (bool row over C slots); ``scratch`` is reordered."""
+    def _select(keep, pos, t, k, score, elig, kind, window, dense_all, cand, slot, top, scratch):
+        """keep[:] = the keys of the query at t (bool row over C slots); ``cand``, ``slot``, ``top``
+        and ``scratch`` (C entries each) are work space."""
         C = pos.shape[0]
         n = t + 1
         if dense_all or (kind <= SWA and 2 * k >= n):
@@ -154,7 +155,7 @@ if numba is not None:
         elif kind >= TOVA:  # every causal key not evicted
             for c in range(C):
                 keep[c] = pos[c] >= 0 and pos[c] <= t and not elig[c]
-        else:
+        else:  # L, then the top-k eligible older keys by score (ties to the more recent)
             m = 0
             for c in range(C):
                 pc = pos[c]
@@ -164,29 +165,13 @@ if numba is not None:
                 if causal and not recent:
                     ok = elig[c] > 0 if kind == SWA else not elig[c]
                     if ok:
-                        scratch[m] = score[c]
+                        cand[m] = score[c]
+                        slot[m] = c
                         m += 1
-            if m <= k:  # every candidate
-                thr = -np.inf
-                need = m
-            else:  # the k-th largest score; ties at it go to the more recent slots
-                thr = _kth_smallest(scratch, m, m - k)
-                greater = 0
-                for j in range(m - k + 1, m):  # after the partition: the larger ones sit above m - k
-                    if scratch[j] > thr:
-                        greater += 1
-                need = k - greater
-            for c in range(C - 1, -1, -1):
-                pc = pos[c]
-                if pc >= 0 and pc <= t - k:
-                    ok = elig[c] > 0 if kind == SWA else not elig[c]
-                    if ok:
-                        s = score[c]
-                        if s > thr:
-                            keep[c] = True
-                        elif s == thr and need > 0:
-                            keep[c] = True
-                            need -= 1
+            _top(cand, m, k, scratch, top)
+            for j in range(m):
+                if top[j]:
+                    keep[slot[j]] = True
         if window >= 0:  # the model's own sliding window
             for c in range(C):
                 if keep[c] and t - pos[c] >= window:
@@ -288,6 +273,7 @@ if numba is not None:
         ident = loc.shape[1] == 0
         for b in prange(B):
             scratch = np.empty(C, np.float64)
+            cand = np.empty(C, np.float64)
             idx = np.empty(C, np.int64)
             cols = np.empty(C, np.int64)
             row = np.empty(C, np.float32)
@@ -308,7 +294,7 @@ if numba is not None:
                 if mode == 2:
                     keep[:] = given[b, i]
                 else:
-                    _select(keep, pos[b], t, k, score[b], elig[b], kind, window, dense_all, scratch)
+                    _select(keep, pos[b], t, k, score[b], elig[b], kind, window, dense_all, cand, idx, top, scratch)
                 m = 0
                 for c in range(C):
                     if keep[c]:

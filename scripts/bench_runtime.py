@@ -15,7 +15,6 @@ Writes results/bench_runtime/<tag>.json (with every decode step's time).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
