@@ -142,8 +142,7 @@ def attend_with_feedback(
             if xkeys is not None:
                 logits = torch.cat([logits, grouped_logits(query, xkeys)], -1)
     N = C if logits is None else logits.shape[-1]
-    there = None if loc is None else loc >= 0
-    dump = None if loc is None else torch.where(there, loc, N)  # slot -> column; N: a slot with no column
+    dump = None if loc is None else torch.where(loc >= 0, loc, N)  # slot -> column; N: a slot with no column
 
     def allowed(sel: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return sel if sliding_window is None else sel & (t - pos < sliding_window)  # the model's own window
@@ -174,8 +173,8 @@ def attend_with_feedback(
         probs[:, :, :, i] = p
         if observing:
             row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, N)
-            if loc is not None:  # back to slot order; zero for a slot with no column
-                row = torch.where(there, row.gather(1, torch.where(there, loc, 0)), 0)
+            if loc is not None:  # back to slot order; zero for a slot with no column (column N)
+                row = F.pad(row, (0, 1)).gather(1, dump)
             policy.observe(state, pos, t, k_i, row)
     keep = torch.stack(keeps, 1)[..., :cols]
     if probs is None:

@@ -159,7 +159,7 @@ class SnapKV(_Evicting):
             state.known = True
 
     def kernel_state(self, state, pos):
-        self._know_prompt(state, pos)
+        self._know_prompt(state, pos)  # the kernel reads P: fix it before the first query, as observe() would
         return state.slot["S"], state.slot["evicted"], None, state.other["P"][:, None]
 
     def observe(self, state, pos, t, keep, row):
