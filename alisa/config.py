@@ -292,20 +292,37 @@ def check_hf_config(cfg) -> None:
         raise ConfigError(f"model.hf_config is invalid for a {given.get('model_type')!r} model: {first}") from None
 
 
-def model_context(model_conf) -> int | None:
-    """The model's context in tokens (``max_position_embeddings``), read without loading it; None if unknown."""
+def _hf_dict(model_conf) -> dict:
+    """The model's transformers config as a dict, read without loading it; {} if unknown here."""
     name = model_conf.name
     if name.startswith("random:"):
-        hf = _plain(model_conf.hf_config) or shape_configs().get(name.split(":", 1)[1]) or {}
-    elif name == "smollm2-135m":
-        hf = shape_configs().get("smollm2-135m", {})
-    else:
-        try:
-            from transformers import AutoConfig
+        return _plain(model_conf.hf_config) or shape_configs().get(name.split(":", 1)[1]) or {}
+    if name == "smollm2-135m":
+        return shape_configs().get("smollm2-135m", {})
+    try:
+        from transformers import AutoConfig
 
-            hf = AutoConfig.from_pretrained(name).to_dict()
-        except Exception:  # noqa: BLE001 - not loadable here: loading the model says why
-            return None
+        return AutoConfig.from_pretrained(name).to_dict()
+    except Exception:  # noqa: BLE001 - not loadable here: loading the model says why
+        return {}
+
+
+def model_config(model_conf):
+    """The model's transformers config object, built without loading weights; None if unknown here."""
+    hf = dict(_hf_dict(model_conf))
+    if "model_type" not in hf:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(hf.pop("model_type"), **hf)
+    except (ValueError, TypeError, KeyError):  # check_hf_config reports a bad one
+        return None
+
+
+def model_context(model_conf) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``), read without loading it; None if unknown."""
+    hf = _hf_dict(model_conf)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         v = hf.get(key)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:

@@ -159,7 +159,7 @@ class LmEvalRunner:
 
     kind = "lm_eval"
 
-    def check(self, cfg, tasks: list[str]) -> None:
+    def check(self, cfg, tasks: list[str], points: list[dict] | None = None) -> None:
         tm = task_manager(cfg.tasks_dir)
         local = sorted(t for t in tm.all_tasks if t.endswith("_local"))
         for t in tasks:
@@ -257,7 +257,7 @@ class ThroughputRunner:
         _, system, b = task.split("-")
         return system, int(b[1:])
 
-    def check(self, cfg, tasks: list[str]) -> None:
+    def check(self, cfg, tasks: list[str], points: list[dict] | None = None) -> None:
         from .integration import PREFILL_MODES
         from .runtime.throughput import SYSTEMS
 
@@ -286,10 +286,36 @@ class ThroughputRunner:
         if context is not None and tc.prompt + tc.new_tokens > context:
             raise ConfigError(f"throughput.prompt + throughput.new_tokens={tc.prompt} + {tc.new_tokens} is invalid: allowed "
                               f"are at most {context} tokens in all, the context of model {cfg.model.name!r}")
+        self._check_budget(cfg, tasks, points or [])
         prof = self._profile(cfg)  # read (and checked) whenever set: every engine point uses it for a prediction
         if tc.plan == "auto" and prof is None:
             raise ConfigError(f"throughput.plan=auto needs a profile of this machine: run `python -m alisa.profile "
                               f"--model {cfg.model.name} --device {cfg.model.device}` (or set throughput.profile=FILE)")
+
+    def _check_budget(self, cfg, tasks: list[str], points: list[dict]) -> None:
+        """A device budget below what every plan needs (the local window stays on the device) is
+        bad input, named with its minimum; one that Phase I exceeds is measured (an oom record)."""
+        from .config import model_config
+        from .policies import make_policy
+        from .runtime.costmodel import Workload, device_floor
+
+        tc = cfg.throughput
+        mcfg = model_config(cfg.model) if tc.device_budget is not None else None
+        if mcfg is None:
+            return
+        dtype = "int8" if tc.int8 else (cfg.model.dtype or "float32")
+        for task in tasks:
+            system, batch = self.parse(task)
+            if system not in ("engine", "flexgen"):  # the stock systems take no budget
+                continue
+            for p in points:
+                if not self.applies(p, task):
+                    continue
+                pol = make_policy(p["policy"], **policy_kwargs(p)) if system == "engine" else make_policy("dense")
+                floor = device_floor(mcfg, dtype, pol, Workload(batch, tc.prompt, tc.new_tokens), system == "engine")
+                if tc.device_budget < floor:
+                    raise ConfigError(f"throughput.device_budget={tc.device_budget} is below what one decode step needs "
+                                      f"({system}, {pol!r}, batch {batch}): allowed is >= {floor} bytes")
 
     @staticmethod
     def _profile(cfg):
@@ -624,7 +650,7 @@ def run_experiment(cfg) -> Path:
         os.environ["ALISA_DATA_DIR"] = str(cfg.data_dir)
     tasks = expand_tasks(cfg)
     for kind in sorted({task_kind(t) for t in tasks}):
-        RUNNERS[kind].check(cfg, [t for t in tasks if task_kind(t) == kind])
+        RUNNERS[kind].check(cfg, [t for t in tasks if task_kind(t) == kind], points)
     run_dir = run_dir_of(cfg)
     _check_writable(run_dir, str(cfg.results_dir))
     _, tok = get_model(cfg.model)

@@ -121,15 +121,31 @@ class PolicyState:
         self.other = other or {}
         self._spare: dict[str, torch.Tensor] = {}  # the buffers behind ``slot``
 
+    def _room(self, name: str, m: int, grow: int | None = None) -> torch.Tensor:
+        """The buffer behind slot tensor ``name`` with room for ``m`` more slots (re-allocated to
+        ``grow`` columns, default 1.5x, when it has not: new, too small, or replaced by a compaction
+        or the policy)."""
+        cur, buf = self.slot[name], self._spare.get(name)
+        u = cur.shape[-1]
+        if (buf is None or buf.data_ptr() != cur.data_ptr() or buf.shape[:-1] != cur.shape[:-1]
+                or buf.shape[-1] < u + m or buf.dtype != cur.dtype):
+            buf = cur.new_empty(*cur.shape[:-1], grow or int((u + m) * self.GROWTH) + 16)
+            buf[..., :u] = cur
+            self._spare[name] = buf
+            self.slot[name] = buf[..., :u]
+        return buf
+
+    def reserve(self, m: int) -> None:
+        """Make room for ``m`` more slots now (e.g. the tokens still to decode), so that no append
+        of those re-allocates the state."""
+        for name, cur in self.slot.items():
+            self._room(name, m, cur.shape[-1] + m)
+
     def append(self, m: int) -> None:
         """Add ``m`` slots (zero state) at the end."""
         for name, cur in self.slot.items():
-            buf, u = self._spare.get(name), cur.shape[-1]
-            if (buf is None or buf.data_ptr() != cur.data_ptr() or buf.shape[:-1] != cur.shape[:-1]
-                    or buf.shape[-1] < u + m or buf.dtype != cur.dtype):  # new, or replaced (compaction, the policy)
-                buf = cur.new_empty(*cur.shape[:-1], int((u + m) * self.GROWTH) + 16)
-                buf[..., :u] = cur
-                self._spare[name] = buf
+            u = cur.shape[-1]
+            buf = self._room(name, m)
             buf[..., u:u + m] = 0
             self.slot[name] = buf[..., :u + m]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import alisa
-from alisa.runtime.costmodel import Profile, Workload, predict, search
+from alisa.runtime.costmodel import Profile, Workload, device_floor, predict, search
 from alisa.runtime.engine import BudgetExceeded, Engine
 from alisa.runtime.recompute import input_bytes_per_token, kv_bytes_per_token
 from alisa.runtime.tiered import GONE, HOST, Plan, Pool
@@ -132,10 +132,19 @@ def test_int8_engine_close_to_fp32(smollm2):
 
 
 def test_budget_exceeded_is_raised():
+    """Above the floor every plan needs, a budget Phase I exceeds is a measurement (out of memory);
+    below it, bad input: one line naming the value and the minimum, before anything runs."""
     model = tiny_model("llama")
     ids, mask = padded_batch(24)
+    floor = device_floor(model.config, model.dtype, alisa.make_policy("dense"), Workload(*ids.shape, 4))
+    assert floor > 0
     with pytest.raises(BudgetExceeded, match="device budget"):
-        Engine(model, "dense", device_budget=1000).generate(ids, mask, 4)
+        Engine(model, "dense", device_budget=floor).generate(ids, mask, 4)
+    with pytest.raises(ValueError, match=f"^device_budget={floor - 1} B is below .* allowed is >= {floor} B$"):
+        Engine(model, "dense", device_budget=floor - 1).generate(ids, mask, 4)
+    # under alpha = 1 the floor is enough: the local window alone stays on the device
+    plan = Plan(alpha=1.0, p1=0)
+    Engine(model, "dense", plan=plan, device_budget=floor).generate(ids, mask, 4)
 
 
 def _profile(**kw):

@@ -51,12 +51,32 @@ def test_throughput_sweep_records_every_figure_and_baselines_once(tmp_path):
 
 
 def test_out_of_memory_point_is_recorded_and_the_sweep_goes_on(tmp_path):
+    # SmolLM2, batch 1: Phase I holds 36 tokens x 46,080 B (1.66 MB) at the end; the local window
+    # every plan keeps on the device is 19 tokens (0.88 MB). 1.2 MB: a plan could fit, Phase I does not.
     cfg = compose_cfg(["+experiment=throughput_quick", "grid.policies=[dense]", "throughput.batches=[1]",
-                       "throughput.systems=[stock,engine]", "throughput.device_budget=1000", f"results_dir={tmp_path}", *SMALL])
+                       "throughput.systems=[stock,engine]", "throughput.device_budget=1200000", f"results_dir={tmp_path}", *SMALL])
     recs = records(run_experiment(cfg))
     assert recs["dense-s0__tput-engine-b1"]["throughput"]["status"] == "oom"
     assert "device budget" in recs["dense-s0__tput-engine-b1"]["throughput"]["error"]
     assert recs["dense-s0__tput-stock-b1"]["throughput"]["status"] == "ok"
+
+
+def test_a_budget_below_the_local_window_is_bad_input(tmp_path):
+    from alisa.config import ConfigError
+
+    cfg = compose_cfg(["+experiment=throughput_quick", "grid.policies=[dense,swa]", "throughput.batches=[1]",
+                       "throughput.systems=[stock,engine]", "throughput.device_budget=1000", f"results_dir={tmp_path}", *SMALL])
+    with pytest.raises(ConfigError, match=r"^throughput.device_budget=1000 is below what one decode step needs "
+                                          r"\(engine, Dense\(sparsity=0.0\), batch 1\): allowed is >= 875520 bytes$"):
+        run_experiment(cfg)
+    assert not any(tmp_path.iterdir())  # nothing written
+    # the command line: one line, exit 2
+    r = subprocess.run([sys.executable, "-m", "alisa.eval", "+experiment=throughput_quick", "grid.policies=[swa]",
+                        "throughput.batches=[2]", "throughput.device_budget=1000", f"results_dir={tmp_path}", *SMALL],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "throughput.device_budget=1000 is below" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_auto_plan_is_searched_run_and_compared_with_the_prediction(tmp_path):

@@ -81,17 +81,35 @@ class StepCost:
         return self.compute_s + self.transfer_s + self.recompute_s
 
 
-def step_cost(profile: Profile, config, dtype: str, policy: Policy, wl: Workload, plan: Plan, step: int) -> StepCost:
-    """Predicted cost of decode step ``step`` (0-based) under ``plan``."""
-    L = config.num_hidden_layers
-    kvb = kv_bytes_per_token(config, dtype) * L * wl.batch  # one token of every sequence, all layers
-    xb = input_bytes_per_token(config, dtype) * L * wl.batch
+def residency(policy: Policy, wl: Workload, plan: Plan, step: int) -> tuple[float, float, float, float, float]:
+    """Tokens per sequence and layer after decode step ``step`` (0-based) under ``plan``: held,
+    selected by the next query, the local window (kept on the device), on the host, deleted."""
     n = wl.prompt + step + 1  # tokens per sequence after this step; the next query is at t = n
     held, sel = held_tokens(policy, n), selected_tokens(policy, n)
     k_loc = min(held, policy.recent_count(n + 1)) if plan.local_on_device else 0.0  # as TieredStore.schedule rounds
     phase = plan.phase(step)
     host = math.floor(plan.alpha * max(0.0, held - k_loc)) if phase >= 2 else 0.0
     gone = math.floor(plan.beta * host) if phase == 3 else 0.0
+    return held, sel, k_loc, host, gone
+
+
+def device_floor(config, dtype: str, policy: Policy, wl: Workload, local_on_device: bool = True) -> int:
+    """The least device KV (bytes, all layers and sequences) that any plan can run in: every
+    token but the local window on the host from the first step (alpha = 1), at the fullest step
+    (with ``local_on_device=False``, FlexGen-style: the token each step writes)."""
+    kvb = kv_bytes_per_token(config, dtype) * config.num_hidden_layers * wl.batch
+    plan = Plan(alpha=1.0, p1=0, local_on_device=local_on_device)
+    steps = range(max(1, wl.new_tokens - 1))
+    return int(max(max(1.0, held - host) for held, _, _, host, _ in (residency(policy, wl, plan, j) for j in steps)) * kvb)
+
+
+def step_cost(profile: Profile, config, dtype: str, policy: Policy, wl: Workload, plan: Plan, step: int) -> StepCost:
+    """Predicted cost of decode step ``step`` (0-based) under ``plan``."""
+    L = config.num_hidden_layers
+    kvb = kv_bytes_per_token(config, dtype) * L * wl.batch  # one token of every sequence, all layers
+    xb = input_bytes_per_token(config, dtype) * L * wl.batch
+    held, sel, k_loc, host, gone = residency(policy, wl, plan, step)
+    phase = plan.phase(step)
     on_dev = held - host
     # Selected tokens outside the local window are spread over the non-local ones.
     frac_sel = max(0.0, sel - k_loc) / max(1.0, held - k_loc)

@@ -70,9 +70,9 @@ class TieredCache(AlisaCache):
 
     def _adopt(self, layer_idx: int, k, v, pos, state, x=None, x_pos=None) -> TieredStore:
         ts = TieredStore(self.policy, self.device, self.host, self.int8, k.dtype, self.reserve)
-        ts.adopt(k, v, pos, state, x, x_pos)
         store = self.store(layer_idx)
         store.seen = max(store.seen, pos.shape[1])
+        ts.adopt(k, v, pos, state, x, x_pos, n_max=store.seen + self.reserve)  # the bound every decode step passes
         store.keys = store.values = store.pos = store.state = None  # the tiered store owns the tokens now
         self.tiered[layer_idx] = ts
         return ts
@@ -255,6 +255,7 @@ class Engine:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: allowed is an integer >= 1")
         model, dev = self.model, self.device
+        self.check_budget(input_ids.shape[0], input_ids.shape[1], max_new_tokens)
         ids = input_ids.to(dev)
         mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(dev)
         recorder = capture_inputs(model) if self.plan.records_inputs else contextlib.nullcontext()
@@ -297,6 +298,22 @@ class Engine:
                     peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                     peak_cuda_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
                     extra={"logits": torch.stack([last.float(), *logits], 1)} if keep_logits else {})
+
+    def check_budget(self, batch: int, prompt: int, new_tokens: int) -> None:
+        """ValueError (one line, naming the value and the minimum) when the device budget is below
+        what every plan needs: the local window of every layer stays on the device (FlexGen-style
+        plans: the token each step writes). A budget above that floor that Phase I still exceeds
+        is a measurement (:class:`BudgetExceeded`, an out-of-memory record), not bad input."""
+        from .costmodel import Workload, device_floor
+
+        budget = self.budgets[0]
+        if budget is None:
+            return
+        dtype = torch.int8 if self.int8 else self.model.dtype  # int8: the payload alone, a lower bound
+        floor = device_floor(self.model.config, dtype, self.policy, Workload(batch, prompt, new_tokens), self.plan.local_on_device)
+        if budget < floor:
+            raise ValueError(f"device_budget={budget} B is below what one decode step needs under {self.policy!r} "
+                             f"(batch {batch}, prompt {prompt}, {new_tokens} new): allowed is >= {floor} B")
 
     def _track(self, peak: dict[str, int], now: dict[str, int]) -> None:
         """Keep the peak of each figure; enforce the tier budgets."""

@@ -250,12 +250,17 @@ class TieredStore:
         return 0 if self.pos is None else self.pos.shape[1]
 
     def adopt(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, state: PolicyState | None,
-              x: torch.Tensor | None = None, x_pos: torch.Tensor | None = None) -> None:
+              x: torch.Tensor | None = None, x_pos: torch.Tensor | None = None, n_max: int | None = None) -> None:
         """Start from a prompt's slots: k, v (B, H, C, D) at positions ``pos`` (B, C; -1: not
         kept) with the policy's ``state``; they become device-resident logical slots (copied into
         the device pool). ``x`` (B, T, hidden) at positions ``x_pos`` (B, T) are the prompt's
-        attention inputs, kept for slots that may be recomputed."""
+        attention inputs, kept for slots that may be recomputed. ``n_max``: a bound on the
+        positions + 1 of the queries to come (sizes the policy's state for all of them now)."""
         self.state = state
+        if state is not None:  # the whole generation's state, sized now: no re-allocation in a decode step
+            if n_max is not None:
+                self.policy.prepare(state, n_max)
+            state.reserve(self.dev.reserve)
         self.pos = pos.clone()
         live = pos >= 0
         self.tier = torch.zeros_like(pos, dtype=torch.int8)
@@ -269,6 +274,7 @@ class TieredStore:
             cols = colmap.gather(1, pos.clamp(min=0))
             xv = x.gather(1, cols.clamp(min=0)[..., None].expand(*cols.shape, x.shape[-1]))
             self._write_x(xv, live)
+        self.slots.reserve(self.dev.reserve)
 
     def _write_x(self, xv: torch.Tensor, valid: torch.Tensor) -> None:
         """xv (B, m, hidden) for new logical slots (the last m) -> host x pool (a real copy)."""
