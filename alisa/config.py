@@ -69,7 +69,7 @@ class ThroughputConf:
     batches: Any = field(default_factory=lambda: [4])  # list[int] or one batch size
     prompt: int = 128  # prompt tokens (WikiText-2 windows; random ids for random: models)
     new_tokens: int = 32
-    systems: Any = field(default_factory=lambda: ["engine"])  # engine | stock | flexgen | hf_offloaded
+    systems: Any = field(default_factory=lambda: ["engine"])  # engine | stock | hf_static | flexgen | hf_offloaded
     prefill: Optional[str] = None  # the engine's prompt mode; None: grid.prefill
     int8: bool = False
     plan: str = "none"  # none: all KV on the device | auto: cost-model search under the budgets (needs a profile)

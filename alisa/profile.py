@@ -3,7 +3,10 @@
 Measures, for one model on the device tier (cuda when present, else cpu): a decode step's
 time at batch 1 and 8 with a tiny context, the bandwidth of reading KV in attention, the
 bandwidth of moving token columns between the tiers (the gather + copy the runtime does),
-the FLOP rate of recomputing K, V, and the capacities. Saves
+the FLOP rate of recomputing K, V, the capacities, and the raw rates: a large contiguous
+copy in device memory (``hbm_copy_bw``; on cpu the RAM copy bandwidth) and pinned host <->
+device copies (``h2d_pinned_bw``, ``d2h_pinned_bw``; CUDA only, else null with the reason in
+``extra``). Saves
 ``results/profiles/<host>-<device>-<model>.json`` (atomically) and prints it.
 """
 
@@ -36,6 +39,49 @@ def _timeit(fn, device, repeat: int = 5) -> float:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def hbm_copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeat: int = 5) -> float:
+    """Bytes per second copied from one large contiguous tensor to another on ``device``
+    (cuda: device memory to device memory; cpu: RAM to RAM). Each byte is read once and
+    written once: the memory traffic is twice this figure."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    y = torch.empty_like(x)
+    return nbytes / _timeit(lambda: y.copy_(x), device, repeat)
+
+
+PINNED_NOT_CUDA = "no CUDA device: pinned host memory and a host-device link exist only with a GPU (on cpu both tiers are RAM)"
+
+
+def pinned_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeat: int = 5) -> tuple[float | None, float | None, str]:
+    """(host -> device, device -> host) bytes per second between pinned host memory and ``device``:
+    ``non_blocking=True`` copies of ``nbytes`` on a dedicated ``torch.cuda.Stream``, timed with CUDA
+    events (the median of ``repeat`` after one untimed copy each way), and what was measured.
+    Off CUDA: ``(None, None, why)``."""
+    if device.type != "cuda":
+        return None, None, PINNED_NOT_CUDA
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # dev was filled on the default stream
+
+    def rate(dst: torch.Tensor, src: torch.Tensor) -> float:
+        times = []
+        for i in range(repeat + 1):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                dst.copy_(src, non_blocking=True)
+                end.record(stream)
+            end.synchronize()
+            if i:  # the first copy of each direction is untimed
+                times.append(start.elapsed_time(end) / 1e3)
+        return nbytes / statistics.median(times)
+
+    h2d, d2h = rate(dev, host), rate(host, dev)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return h2d, d2h, (f"cuda: {nbytes >> 20} MiB pinned host <-> device, non_blocking copies on a dedicated stream, "
+                      "timed with CUDA events")
 
 
 def measure(model, name: str, dtype: torch.dtype, device: torch.device) -> Profile:
@@ -81,14 +127,21 @@ def measure(model, name: str, dtype: torch.dtype, device: torch.device) -> Profi
     pos = torch.arange(T, device=device)[None]
     rec_s = _timeit(lambda: kv_from_inputs(model, 0, x, pos), device)
     flops = recompute_flops_per_token(cfg) * T / rec_s
+    hbm_bw = hbm_copy_bandwidth(device)
+    h2d_bw, d2h_bw, pinned_what = pinned_bandwidth(device)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     dev_cap = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else ram
     return Profile(
         device=device.type, hardware=hardware(device.type), model=name, dtype=str(dtype).removeprefix("torch."),
         step_base_s=t1, step_per_seq_s=max(0.0, (t8 - t1) / 7), attn_read_bw=read_bw, copy_bw=copy_bw,
         recompute_flops=flops, device_capacity=int(dev_cap), host_capacity=int(ram),
-        case="cuda: host tier across the real link" if device.type == "cuda" else "cpu: both tiers in RAM, moves are real copies",
-        extra={"step_s_batch1": t1, "step_s_batch8": t8, "recompute_s_per_1024_tokens_layer0": rec_s})
+        case="cuda: host tier across the real link; hbm_copy_bw is device memory to device memory" if device.type == "cuda"
+        else "cpu: both tiers in RAM, moves are real copies; hbm_copy_bw is the RAM copy bandwidth (no device memory)",
+        hbm_copy_bw=hbm_bw, h2d_pinned_bw=h2d_bw, d2h_pinned_bw=d2h_bw,
+        extra={"step_s_batch1": t1, "step_s_batch8": t8, "recompute_s_per_1024_tokens_layer0": rec_s,
+               "hbm_copy_bw": ("device memory to device memory" if device.type == "cuda" else "RAM to RAM (cpu: no device "
+                               "memory)") + ", 256 MiB contiguous, bytes copied per second (the traffic is twice this)",
+               "pinned_bw": pinned_what})
 
 
 def profile_path(name: str, device: str, root: Path | None = None) -> Path:
@@ -101,6 +154,7 @@ class ProfileError(ValueError):
 
 
 _NUMBERS = ("step_base_s", "step_per_seq_s", "attn_read_bw", "copy_bw", "recompute_flops", "device_capacity", "host_capacity")
+_OPTIONAL = ("hbm_copy_bw", "h2d_pinned_bw", "d2h_pinned_bw")  # rates added later: may be absent or null
 
 
 def read_profile(path: Path) -> Profile:
@@ -117,10 +171,12 @@ def read_profile(path: Path) -> Profile:
     missing = [k for k in _NUMBERS + ("device", "model", "dtype") if k not in d]
     if missing:
         raise ProfileError(f"{str(path)!r} is not a profile (missing {', '.join(missing)}): {allowed}")
-    for k in _NUMBERS:
-        v = d[k]
+    for k in _NUMBERS + _OPTIONAL:
+        v = d.get(k)
+        if v is None and k in _OPTIONAL:  # measured since; absent from older profiles, or not measurable here
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
-            raise ProfileError(f"{str(path)!r} is not a profile ({k}={v!r} is not a number >= 0): {allowed}")
+            raise ProfileError(f"{str(path)!r} is not a profile ({k}={v!r} is not a number >= 0{' or null' if k in _OPTIONAL else ''}): {allowed}")
     try:
         return Profile.from_dict(d)
     except (TypeError, ValueError) as e:

@@ -120,7 +120,7 @@ def test_pareto_front_keeps_only_non_dominated_points():
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("throughput.systems=[warp]", "unknown throughput system 'warp': allowed are stock, hf_offloaded, flexgen, engine"),
+    ("throughput.systems=[warp]", "unknown throughput system 'warp': allowed are stock, hf_offloaded, hf_static, flexgen, engine"),
     ("throughput.plan=auto throughput.profile=/nonexistent.json", "throughput.profile='/nonexistent.json' does not exist"),
     ("throughput.batches=[0]", "throughput.batches entry 0 is invalid: allowed is an integer >= 1"),
 ])
@@ -131,3 +131,40 @@ def test_bad_throughput_input_is_one_line(tmp_path, override, needle):
     lines = [l for l in out.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], out.stderr[-2000:]
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_hf_static_generates_what_stock_generates(family):
+    import torch
+
+    from alisa.runtime.engine import dense_prefill
+    from alisa.runtime.throughput import run_point, static_generate, stock_generate
+    from alisa.testing import tiny_model
+
+    model = tiny_model(family, seed=3)
+    ids = torch.randint(2, 101, (3, 12), generator=torch.Generator().manual_seed(0))
+    stock = stock_generate(model, ids, 12)["tokens"]
+    assert len(set(stock.flatten().tolist())) > 3  # the comparison has teeth: the greedy tokens vary
+    pf = dense_prefill(model, ids)
+    own = static_generate(model, ids, 12)  # its own prompt pass into the StaticCache
+    shared = static_generate(model, ids, 12, pf)  # the shared prefill's K, V written into it
+    warm = static_generate(model, ids, 12, pf, warmup=3)  # untimed steps, then the cache set back to the prompt
+    for out in (own, shared, warm):
+        assert torch.equal(out["tokens"], stock)
+        assert len(out["step_s"]) == 11 and out["compiled"] is False and "not compiled" in out["compile_reason"]
+    assert warm["warmup_steps"] == 3 and warm["warmup_s"] > 0 and own["warmup_steps"] == 0
+    rec = run_point(model, "hf_static", ids, 12, prefilled=pf)
+    assert rec["status"] == "ok" and rec["prefill_shared"] is True and rec["prefill_s"] == pf.seconds
+    assert rec["kv_bytes_peak"]["device"] > 0 and "cpu:" in rec["compile_reason"]
+    with pytest.raises(ValueError, match=r"^compiled=True is invalid on cpu: allowed is a CUDA device"):
+        static_generate(model, ids, 4, compiled=True)
+
+
+def test_the_sweep_runs_hf_static_as_a_baseline(tmp_path):
+    cfg = compose_cfg(["+experiment=throughput_quick", "grid.policies=[dense,swa]", "throughput.batches=[1]",
+                       "throughput.systems=[stock,hf_static]", "throughput.prompt=8", "throughput.new_tokens=3",
+                       "logger=none", f"results_dir={tmp_path}"])
+    recs = records(run_experiment(cfg))
+    assert sorted(recs) == ["dense-s0__tput-hf_static-b1", "dense-s0__tput-stock-b1"]  # a baseline: once, at dense
+    t = recs["dense-s0__tput-hf_static-b1"]["throughput"]
+    assert t["status"] == "ok" and t["compiled"] is False and t["prefill_shared"] is True and t["decode_tok_s"] > 0

@@ -42,6 +42,11 @@ class Profile:
     host_capacity: int  # bytes
     case: str = ""  # "cuda link" or "cpu: both tiers in RAM"
     extra: dict = field(default_factory=dict)
+    # Measured rates the cost model stores but does not use (it predicts with copy_bw, the path the
+    # runtime takes); optional, so that profiles written before they existed still read.
+    hbm_copy_bw: float | None = None  # bytes/s copied device to device, one large contiguous tensor (cpu: RAM to RAM)
+    h2d_pinned_bw: float | None = None  # bytes/s pinned host -> device, non_blocking on its own stream (cuda only)
+    d2h_pinned_bw: float | None = None  # bytes/s device -> pinned host, likewise (cuda only)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,6 +6,9 @@ Systems, measured side by side on the same prompts:
   (the loop ``generate`` runs: one prompt forward, then one forward per token);
 * ``hf_offloaded``: the same with transformers' offloaded ``DynamicCache(offloading=True)`` (needs CUDA; recorded
   as skipped elsewhere);
+* ``hf_static``: the same with transformers' ``StaticCache`` (preallocated for prompt + new tokens,
+  written in place); on CUDA the forward is compiled (``torch.compile(mode="reduce-overhead")``,
+  CUDA graphs) with untimed warm-up steps, on the CPU it runs eager (the record says why);
 * ``flexgen``: FlexGen-style static offload: the engine with the dense policy and a fixed
   fraction of all KV on the host, all of it moved to the device every step;
 * ``engine``: the ALISA runtime with the point's policy (and a plan searched with the
@@ -14,15 +17,18 @@ Systems, measured side by side on the same prompts:
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 
 import torch
 
 from ..policies import Policy, make_policy
-from .engine import BudgetExceeded, Engine, Prefilled, dense_prefill, greedy_steps, shares_dense_prefill
+from .engine import (BudgetExceeded, Engine, Prefilled, _sync, dense_prefill, greedy_steps, position_ids,
+                     shares_dense_prefill)
 from .tiered import Plan
 
-SYSTEMS = ("stock", "hf_offloaded", "flexgen", "engine")
+SYSTEMS = ("stock", "hf_offloaded", "hf_static", "flexgen", "engine")
+STATIC_WARMUP_STEPS = 3  # compiled forwards before the timed ones: compile, CUDA-graph warm-up, record
 
 
 def workload_prompts(tokenizer, batch: int, prompt: int, seed: int = 0, vocab: int | None = None) -> torch.Tensor:
@@ -71,6 +77,88 @@ def stock_generate(model, ids: torch.Tensor, new_tokens: int, prefilled: Prefill
             "peak_cuda_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
 
 
+class _StaticForward:
+    """The model's forward for a ``StaticCache`` of ``length`` positions: the attention mask is
+    padded to that length (zeros past the tokens written so far), so every decode step has the
+    same input shapes and a compiled forward (CUDA graphs) is traced once. Called by
+    :func:`greedy_steps` as it calls a model."""
+
+    def __init__(self, model, length: int, compiled: bool):
+        self.length = length
+        self.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False) if compiled else model.forward
+
+    def __call__(self, *, input_ids, attention_mask, **kw):
+        mask = attention_mask.new_zeros(attention_mask.shape[0], self.length)
+        mask[:, :attention_mask.shape[1]] = attention_mask
+        return self.forward(input_ids=input_ids, attention_mask=mask, **kw)
+
+
+def static_compile_reason(device: torch.device) -> str | None:
+    """Why ``hf_static`` runs eager on ``device`` (None: it compiles)."""
+    if device.type == "cuda":
+        return None
+    return (f"{device.type}: not compiled (torch.compile's CPU backend builds C++ with a compiler a fresh machine may "
+            "lack, and mode='reduce-overhead' is CUDA graphs); eager StaticCache forward")
+
+
+@torch.no_grad()  # not inference_mode: compiled CUDA graphs write the cache's (static) tensors in place
+def static_generate(model, ids: torch.Tensor, new_tokens: int, prefilled: Prefilled | None = None,
+                    compiled: bool | None = None, warmup: int | None = None) -> dict:
+    """Greedy decode with transformers' ``StaticCache(max_cache_len=prompt + new_tokens)`` after the
+    unmodified prompt pass (``prefilled``: its K, V written into the static tensors; else the prompt
+    runs here into the static cache); per-step times. ``compiled`` (default: on CUDA) compiles the
+    forward (mode ``reduce-overhead``). ``warmup`` untimed decode steps (default: STATIC_WARMUP_STEPS
+    when compiled, else none) run first, then the cache is set back to the prompt in place (the
+    positions they wrote are rewritten before any step reads them)."""
+    from transformers import StaticCache
+
+    dev = next(model.parameters()).device
+    ids = ids.to(dev)
+    mask = torch.ones_like(ids)
+    B, T = ids.shape
+    reason = static_compile_reason(dev)
+    if compiled is None:
+        compiled = reason is None
+    elif compiled and dev.type != "cuda":
+        raise ValueError(f"compiled=True is invalid on {dev.type}: allowed is a CUDA device (mode='reduce-overhead' is CUDA graphs)")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    cache = StaticCache(config=model.config, max_cache_len=T + new_tokens)
+    if prefilled is not None:
+        for l, (k, v) in enumerate(prefilled.kv):
+            cache.update(k, v, l)  # copied in place into the preallocated tensors
+        last, prefill_s = prefilled.logits, prefilled.seconds
+    else:
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        last = out.logits[:, -1]
+        _sync(dev)
+        prefill_s = time.perf_counter() - t0
+    fwd = _StaticForward(model, T + new_tokens, compiled)
+    warmup = min(STATIC_WARMUP_STEPS if warmup is None and compiled else warmup or 0, new_tokens - 1)
+    warm_s = None
+    if warmup > 0:
+        t0 = time.perf_counter()
+        greedy_steps(fwd, last.argmax(-1), mask, cache, warmup + 1)
+        for layer in cache.layers:  # back to the prompt: in place (CUDA graphs hold these tensors' addresses)
+            layer.cumulative_length.fill_(T)
+        _sync(dev)
+        warm_s = time.perf_counter() - t0
+    tokens, steps, _ = greedy_steps(fwd, last.argmax(-1), mask, cache, new_tokens)
+    kv = sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers)
+    decode_s = sum(steps)
+    return {"tokens": torch.stack(tokens, 1), "batch": B, "new_tokens": new_tokens,
+            "throughput_tok_s": B * new_tokens / (prefill_s + decode_s), "decode_tok_s": B * len(steps) / decode_s if decode_s else None,
+            "prefill_s": prefill_s, "decode_s": decode_s, "total_s": prefill_s + decode_s,
+            "step_s_mean": decode_s / len(steps) if steps else None, "step_s": list(steps),
+            "compiled": compiled, "warmup_s": warm_s, "warmup_steps": warmup,
+            **({} if compiled else {"compile_reason": reason or "compiled=False asked for"}),
+            "kv_bytes_peak": {"device": kv, "host": 0}, "bytes_d2h": None, "bytes_h2d": None, "tokens_recomputed": 0,
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
+
+
 def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy: str | Policy = "dense", sparsity: float | None = None,
               budget: int | None = None, prefill: str = "dense", int8: bool = False, plan: Plan | None = None,
               flexgen_fraction: float = 0.5, device_budget: int | None = None, host_budget: int | None = None,
@@ -86,6 +174,10 @@ def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy:
             if system == "hf_offloaded" and dev.type != "cuda":
                 return {**rec, "status": "skipped", "reason": "transformers' offloaded cache moves KV between a GPU and the CPU; no GPU here"}
             out = stock_generate(model, ids, new_tokens, prefilled, offloaded=system == "hf_offloaded")
+            out.pop("tokens")
+            return {**rec, "status": "ok", "policy": "dense", **out}
+        if system == "hf_static":
+            out = static_generate(model, ids, new_tokens, prefilled)
             out.pop("tokens")
             return {**rec, "status": "ok", "policy": "dense", **out}
         if system == "flexgen":
