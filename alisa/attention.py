@@ -164,7 +164,8 @@ def attend_with_feedback(
             k_i = allowed(causal(pos, t[:, None]), t[:, None])
         else:
             k_i = allowed(policy.select(pos, t, state) if policy.stateful else
-                          select_stateless(policy, pos, t[:, None], state, query[:, :, i:i + 1]), t[:, None])
+                          select_stateless(policy, pos, t[:, None], state, None if query is None else query[:, :, i:i + 1]),
+                          t[:, None])
         keeps.append(k_i)
         if logits is None:
             continue

@@ -181,6 +181,10 @@ class Policy(abc.ABC):
     kernel_params: tuple[int, ...] = ()  # integer hyperparameters the compiled route reads (alisa._fast.attend's hyper)
     attends_all_at_prefill: ClassVar[bool] = False  # the prompt attends fully whatever ``prefill`` says
     takes_budget: ClassVar[bool] = True  # False: no sparsity or budget (one grid point, where baselines run)
+    # The keys of the query at t can be selected before that query and its key exist (from the
+    # slots before t and the state): the runtime then fetches a layer's host keys ahead. A wrong
+    # guess costs bytes, never exactness (the step checks and fetches what is missing).
+    selects_ahead: ClassVar[bool] = True
 
     def __init__(self, sparsity: float | None = None, budget: int | None = None):
         if (sparsity is None) == (budget is None) and self.name != "dense":
@@ -371,17 +375,26 @@ class Sinks(Policy):
         return (pos >= 0) & ((pos < self.n_sinks) | (pos > t - self._recent(t)))
 
 
-def topk_mask(score: torch.Tensor, cand: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Per row, the ``k`` (B,) candidates with the highest score; ties to the more recent slot.
+def topk_mask(score: torch.Tensor, cand: torch.Tensor, k, k_max: int | None = None) -> torch.Tensor:
+    """Per row, the ``k`` (B,) (or an int) candidates with the highest score; ties to the more recent slot.
 
-    score (B, C) float, cand (B, C) bool. Slots are in position order, so flipping the
-    slot axis and sorting stably puts the larger position first among equal scores.
+    score (B, C) float, cand (B, C) bool, slots in position order. O(C), no sort: the k-th
+    largest candidate score is the threshold (``torch.topk`` of ``k_max``, a bound on every k
+    known on the host, e.g. from :meth:`Policy.prepare`; without it k is read back); every
+    candidate above it is kept, and of those equal to it the most recent ones that fill k.
     """
-    flipped = torch.where(cand, score, float("-inf")).flip(-1)
-    order = torch.sort(flipped, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return cand & (rank.flip(-1) < (k if isinstance(k, int) else k[:, None]))
+    kk = torch.as_tensor(k, device=score.device).expand(score.shape[:-1])
+    if k_max is None:
+        k_max = int(kk.max()) if kk.numel() else 0
+    K = min(score.shape[-1], k_max)
+    if K <= 0:
+        return torch.zeros_like(cand)
+    x = torch.where(cand, score, float("-inf"))
+    thr = torch.topk(x, K, dim=-1).values.gather(-1, (kk.clamp(1, K) - 1)[..., None])  # the k-th largest
+    above = cand & (x > thr)
+    tie = cand & (x == thr)
+    need = kk[..., None] - above.sum(-1, keepdim=True)  # ties to take, the most recent first
+    return above | (tie & (tie.flip(-1).cumsum(-1).flip(-1) <= need))
 
 
 class TwoPart(Policy):
@@ -439,11 +452,15 @@ class TwoPart(Policy):
         c = causal(pos, tt)
         return c, c & (pos > tt - k), k[:, 0], (2 * k >= n)
 
+    def prepare(self, state, n_max):
+        if state is not None:  # a host bound on k: the top-k's threshold needs no read-back
+            state.other["k_max"] = self.half_count(max(n_max, 1))
+
     def select(self, pos, t, state):
         c, recent, k, dense = self._rows(pos, t)
         if dense is True:
             return c
-        top = topk_mask(self.score(state), c & ~recent & self.eligible(state), k)
+        top = topk_mask(self.score(state), c & ~recent & self.eligible(state), k, state.other.get("k_max"))
         return recent | top if dense is False else torch.where(dense, c, recent | top)
 
     def retain(self, pos, t_next, state):
@@ -526,6 +543,7 @@ class SWA(TwoPart):
         return state.slot["S"], state.slot["nz"], state.slot["ring"], state.other["ring_q"]
 
     def prepare(self, state, n_max):
+        super().prepare(state, n_max)
         if self.needs_rows and state is not None:
             self._grow_ring(state, self.half_count(max(n_max, 1)) + 1)
 

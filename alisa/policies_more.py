@@ -222,6 +222,7 @@ class Quest(Policy):
 
     name = "quest"
     needs_qk = True
+    selects_ahead = False  # its selection needs the query
 
     def __init__(self, sparsity=None, budget=None, page_size: int = 16):
         super().__init__(sparsity=sparsity, budget=budget)

@@ -66,6 +66,29 @@ def test_topk_ties_go_to_the_more_recent():
     assert topk_mask(score, cand, torch.tensor([10]))[0].tolist() == cand[0].tolist()
 
 
+def _topk_by_sort(score, cand, k):
+    """The definition, by a full stable sort: rank candidates by score, the more recent first among equals."""
+    flipped = torch.where(cand, score, float("-inf")).flip(-1)
+    order = torch.sort(flipped, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+    return cand & (rank.flip(-1) < k[:, None])
+
+
+def test_threshold_topk_is_the_sorted_definition():
+    """topk_mask (a threshold, O(C)) selects what a full stable sort selects, ties and all,
+    with k per row, with or without a host bound k_max, k beyond the candidates and k = 0."""
+    g = torch.Generator().manual_seed(0)
+    for case in range(300):
+        B, C = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+        score = torch.randint(0, 1 + case % 6, (B, C), generator=g).double() / 3  # few values: many ties
+        cand = torch.rand(B, C, generator=g) < 0.7
+        k = torch.randint(0, C + 3, (B,), generator=g)
+        want = _topk_by_sort(score, cand, k)
+        assert torch.equal(topk_mask(score, cand, k), want), case
+        assert torch.equal(topk_mask(score, cand, k, k_max=int(k.max()) + int(case % 3)), want), case
+        assert torch.equal(topk_mask(score.float(), cand, k), want), case
+
+
 def drive(policy, n, row_fn):
     """Run a stateful policy over queries 0..n-1 with rows from ``row_fn(t, keep, state)``."""
     store = SlotStore(policy)

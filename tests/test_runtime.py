@@ -54,6 +54,61 @@ def test_offload_and_recompute_keep_tokens_exact(family, policy, kw):
             assert g.traffic.tokens_recomputed > 0
 
 
+@pytest.mark.parametrize("policy,kw", POLICIES, ids=[p for p, _ in POLICIES])
+def test_prefetch_fetches_exactly_what_the_next_step_selects(policy, kw, monkeypatch):
+    """Layer l + 1's host keys are fetched after layer l's step, before layer l + 1's query exists:
+    for a policy that selects ahead that fetch is every time exactly the host keys the step then
+    selects (no miss, the same tokens, logits and bytes as fetching on demand), and the bytes
+    counted are those of the tensors that crossed the link."""
+    from alisa.runtime import tiered
+
+    moved = []
+    fetch = tiered.Link.fetch
+
+    def counting(self, host, traffic, t0):
+        out = fetch(self, host, traffic, t0)
+        moved.append(sum(v.numel() * v.element_size() for v in out[0].values()))
+        return out
+
+    monkeypatch.setattr(tiered.Link, "fetch", counting)
+    model = tiny_model("llama")
+    ids, mask = padded_batch(24)
+    for plan in (Plan(alpha=0.5, p1=2), Plan(alpha=0.7, beta=0.5, p1=1, p2=4), Plan(alpha=0.6, p1=1, local_on_device=False)):
+        base = Engine(model, policy, plan=plan, prefetch=False, **kw).generate(ids, mask, NEW, keep_logits=True)
+        moved.clear()
+        g = Engine(model, policy, plan=plan, prefetch=True, **kw).generate(ids, mask, NEW, keep_logits=True)
+        assert torch.equal(g.tokens, base.tokens), plan
+        torch.testing.assert_close(g.extra["logits"], base.extra["logits"], atol=0, rtol=0)
+        tr = g.traffic
+        assert tr.h2d_bytes == sum(moved) == base.traffic.h2d_bytes, plan
+        assert tr.tokens_fetched == base.traffic.tokens_fetched > 0, plan
+        assert tr.prefetch_misses == 0, plan
+        if alisa.policies.policy_class(policy).selects_ahead:
+            assert tr.prefetch_hits > 0, plan
+        else:  # quest selects with its query: nothing is fetched ahead
+            assert tr.prefetch_hits == 0, plan
+
+
+def test_a_wrong_fetch_ahead_is_fetched_again():
+    """A fetch ahead that is not the step's selection (here: for another query position) is a
+    miss: the step fetches its own keys, the tokens stay exact, and both fetches' bytes count."""
+    from alisa.runtime import tiered
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch(24)
+    plan = Plan(alpha=1.0, p1=0)
+    base = Engine(model, "h2o", plan=plan, prefetch=False, sparsity=0.5).generate(ids, mask, NEW)
+    prefetch = tiered.TieredStore.prefetch
+    try:
+        tiered.TieredStore.prefetch = lambda self, t: prefetch(self, t - 3)
+        g = Engine(model, "h2o", plan=plan, prefetch=True, sparsity=0.5).generate(ids, mask, NEW)
+    finally:
+        tiered.TieredStore.prefetch = prefetch
+    assert torch.equal(g.tokens, base.tokens)
+    assert g.traffic.prefetch_misses > 0 and g.traffic.prefetch_hits == 0
+    assert g.traffic.h2d_bytes > base.traffic.h2d_bytes
+
+
 def test_phases_switch_at_planned_steps_and_bytes_are_the_tensors_moved():
     model = tiny_model("llama", num_hidden_layers=3)
     ids = torch.randint(2, 101, (1, 40), generator=torch.Generator().manual_seed(0))

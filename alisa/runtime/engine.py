@@ -19,7 +19,7 @@ import torch
 from ..integration import AlisaCache, apply
 from ..policies import Policy, make_policy
 from .recompute import capture_inputs, kv_from_inputs
-from .tiered import Plan, TieredStore, Traffic
+from .tiered import Link, Plan, TieredStore, Traffic
 
 
 class BudgetExceeded(RuntimeError):
@@ -30,12 +30,14 @@ class TieredCache(AlisaCache):
     """An :class:`AlisaCache` whose layers move to a :class:`TieredStore` after the prompt."""
 
     def __init__(self, policy: Policy, num_layers: int, *, model, plan: Plan, int8: bool, device, host,
-                 recorder=None, reserve: int = 0):
+                 recorder=None, reserve: int = 0, prefetch: bool = False):
         super().__init__(policy, num_layers)
         self.model, self.plan, self.int8 = model, plan, int8
         self.device, self.host = torch.device(device), torch.device(host)
         self.recorder = recorder
         self.reserve = reserve
+        self.link = Link(self.device)  # one pair of copy streams for every layer
+        self.prefetch = prefetch  # fetch layer l + 1's selected host keys right after layer l's step
         self.tiered: list[TieredStore | None] = [None] * num_layers
         self.step = 0  # the decode step the next schedule prepares for
 
@@ -66,10 +68,15 @@ class TieredCache(AlisaCache):
             out = ts.attend(query, chunk.q_pos[:, 0], scale, recompute, stats, layer_idx, n_max=self.layers[layer_idx].store.seen)
             ts.evict(self.policy.retain(ts.pos, chunk.t_next, ts.state))
         ts.schedule(self.plan, self.step, chunk.t_next)
+        if self.prefetch:  # the next layer's query in this step, or layer 0's in the next one (if there is one)
+            last = layer_idx + 1 == len(self.tiered)
+            following = self.tiered[0 if last else layer_idx + 1]
+            if following is not None and not (last and self.step + 1 >= self.reserve):  # reserve: the tokens to decode
+                following.prefetch(chunk.t_next if last else chunk.q_pos[:, 0])
         return out
 
     def _adopt(self, layer_idx: int, k, v, pos, state, x=None, x_pos=None) -> TieredStore:
-        ts = TieredStore(self.policy, self.device, self.host, self.int8, k.dtype, self.reserve)
+        ts = TieredStore(self.policy, self.device, self.host, self.int8, k.dtype, self.reserve, self.link)
         store = self.store(layer_idx)
         store.seen = max(store.seen, pos.shape[1])
         ts.adopt(k, v, pos, state, x, x_pos, n_max=store.seen + self.reserve)  # the bound every decode step passes
@@ -99,6 +106,7 @@ class TieredCache(AlisaCache):
         return {k: sum(c[k] for c in live) / len(live) for k in live[0]} if live else {}
 
     def traffic(self) -> Traffic:
+        self.link.settle()
         total = Traffic()
         for ts in self.tiered:
             if ts is not None:
@@ -138,7 +146,9 @@ class Generation:
             "bytes_d2h": self.traffic.d2h_bytes, "bytes_h2d": self.traffic.h2d_bytes,
             "tokens_offloaded": self.traffic.tokens_offloaded, "tokens_fetched": self.traffic.tokens_fetched,
             "tokens_deleted": self.traffic.tokens_deleted, "tokens_recomputed": self.traffic.tokens_recomputed,
+            "prefetch_hits": self.traffic.prefetch_hits, "prefetch_misses": self.traffic.prefetch_misses,
             "seconds_transfer": self.traffic.seconds["transfer"], "seconds_recompute": self.traffic.seconds["recompute"],
+            "seconds_gather": self.traffic.seconds.get("gather"),
             "kept_fraction": self.kept_fraction, "peak_rss_bytes": self.peak_rss_bytes,
             "peak_cuda_bytes": self.peak_cuda_bytes, **self.extra,
         }
@@ -233,15 +243,21 @@ class Engine:
         Store (and move) KV as INT8, de-quantized before use.
     device_budget, host_budget : int, optional
         KV bytes each tier may hold; exceeding one raises :class:`BudgetExceeded`.
+    prefetch : bool, optional
+        Fetch each layer's selected host keys while the layer before it computes (exact: a
+        fetch ahead that differs from the step's selection is redone). Default: on a CUDA
+        device, where the copy overlaps compute; on the CPU it only reorders work.
     """
 
     def __init__(self, model, policy: Policy | str = "dense", *, prefill: str = "dense", plan: Plan | None = None,
-                 int8: bool = False, device_budget: int | None = None, host_budget: int | None = None, **policy_kwargs):
+                 int8: bool = False, device_budget: int | None = None, host_budget: int | None = None,
+                 prefetch: bool | None = None, **policy_kwargs):
         self.model = model
         self.policy = make_policy(policy, **policy_kwargs) if isinstance(policy, str) else policy
         self.prefill, self.plan, self.int8 = prefill, plan or Plan(), int8
         self.budgets = (device_budget, host_budget)
         self.device = next(model.parameters()).device
+        self.prefetch = self.device.type == "cuda" if prefetch is None else bool(prefetch)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
@@ -262,7 +278,7 @@ class Engine:
         with recorder as rec:
             def factory(policy, n_layers):
                 return TieredCache(policy, n_layers, model=model, plan=self.plan, int8=self.int8, device=dev,
-                                   host="cpu", recorder=rec, reserve=max_new_tokens)
+                                   host="cpu", recorder=rec, reserve=max_new_tokens, prefetch=self.prefetch)
 
             with apply(model, self.policy, self.prefill, cache_factory=factory) as ctl:
                 if dev.type == "cuda":

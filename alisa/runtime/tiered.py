@@ -11,7 +11,10 @@ in :class:`~alisa.kvstore.SlotStore`); each slot's data lives in one place (``ti
 
 ``loc`` / ``xloc`` give the slot's column in its pool. Pools allocate columns for the
 whole batch at once (amortised) and compact when full; every byte that crosses tiers is a
-real copy (``index``-gathers, then ``.to(device)``) and is counted from the tensors moved.
+real copy (``index``-gathers, then a copy across the :class:`Link`) and is counted from the
+tensors moved. On CUDA the host pools are pinned and copies run on their own streams, ordered
+by events; a layer's selected host keys are fetched while the layer before it computes
+(:meth:`TieredStore.prefetch`).
 """
 
 from __future__ import annotations
@@ -78,13 +81,89 @@ class Traffic:
     tokens_fetched: int = 0
     tokens_deleted: int = 0
     tokens_recomputed: int = 0
+    prefetch_hits: int = 0  # layer steps whose host keys were fetched ahead, exactly the ones selected
+    prefetch_misses: int = 0  # layer steps whose fetch ahead was not what the step selected (fetched again)
     seconds: dict[str, float] = field(default_factory=lambda: {"transfer": 0.0, "recompute": 0.0})
 
     def add(self, other: "Traffic") -> None:
-        for k in ("d2h_bytes", "h2d_bytes", "tokens_offloaded", "tokens_fetched", "tokens_deleted", "tokens_recomputed"):
+        for k in ("d2h_bytes", "h2d_bytes", "tokens_offloaded", "tokens_fetched", "tokens_deleted", "tokens_recomputed",
+                  "prefetch_hits", "prefetch_misses"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         for k, v in other.seconds.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
+
+
+class Link:
+    """How token data crosses between the host tier and the device, for every layer of a cache.
+
+    On CUDA the host pools are pinned (``pinned``); a fetch is a CPU gather into pinned staging
+    (:meth:`Pool.read_raw`) and one ``non_blocking`` copy on the ``h2d`` stream, which the
+    compute stream waits for only where it uses the data (an event, :meth:`ready`); an offload
+    is a device gather, then a copy into pinned memory on the ``d2h`` stream after the compute
+    stream's work so far. The seconds a copy took are the link's busy time (CUDA events, read
+    when the run settles), not the wall time around it. Elsewhere both tiers are in RAM: the
+    gather is the copy, timed on the host.
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.h2d = torch.cuda.Stream(self.device) if self.cuda else None
+        self.d2h = torch.cuda.Stream(self.device) if self.cuda else None
+        self._timed: list[tuple] = []  # (start event, end event, traffic) of copies not yet settled
+
+    @property
+    def pinned(self) -> bool:
+        return self.cuda
+
+    def fetch(self, host: dict[str, torch.Tensor], traffic: "Traffic", t0: float) -> tuple[dict[str, torch.Tensor], object]:
+        """Start copying host tensors (gathered since ``t0``) to the device; returns the device
+        tensors and a token for :meth:`ready`."""
+        if not self.cuda:
+            out = {k: v.to(self.device) for k, v in host.items()}
+            traffic.seconds["transfer"] += _now() - t0
+            return out, None
+        compute = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.h2d):
+            start.record(self.h2d)
+            out = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+            end.record(self.h2d)
+        for v in out.values():
+            v.record_stream(compute)  # allocated on h2d, used on the compute stream
+        self._timed.append((start, end, traffic))
+        traffic.seconds["gather"] = traffic.seconds.get("gather", 0.0) + (_now() - t0)
+        return out, (end, host)  # the pinned staging stays referenced until the copy is used
+
+    def ready(self, moved: dict[str, torch.Tensor], token) -> dict[str, torch.Tensor]:
+        """The fetched tensors, once the compute stream may read them."""
+        if token is not None:
+            torch.cuda.current_stream(self.device).wait_event(token[0])
+        return moved
+
+    def offload(self, dev: dict[str, torch.Tensor], traffic: "Traffic") -> dict[str, torch.Tensor]:
+        """Copies of device tensors in (pinned) host memory, complete when returned."""
+        if not self.cuda:
+            return {k: v.to("cpu") for k, v in dev.items()}
+        compute = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.d2h.wait_stream(compute)
+        with torch.cuda.stream(self.d2h):
+            start.record(self.d2h)
+            out = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True) for k, v in dev.items()}
+            end.record(self.d2h)
+        for v in dev.values():
+            v.record_stream(self.d2h)
+        end.synchronize()  # the host pool is written on the CPU next
+        traffic.seconds["transfer"] += start.elapsed_time(end) / 1e3
+        return out
+
+    def settle(self) -> None:
+        """Add the busy time of the finished fetches to their traffic."""
+        for start, end, traffic in self._timed:
+            end.synchronize()
+            traffic.seconds["transfer"] += start.elapsed_time(end) / 1e3
+        self._timed.clear()
 
 
 def _nbytes(ts) -> int:
@@ -114,9 +193,10 @@ class Pool:
 
     GROWTH = 1.5
 
-    def __init__(self, device: torch.device | str, int8: bool = False, reserve: int = 0):
+    def __init__(self, device: torch.device | str, int8: bool = False, reserve: int = 0, pinned: bool = False):
         self.device = torch.device(device)
         self.int8 = int8
+        self.pinned = pinned  # page-locked host memory (a CUDA device copies it asynchronously)
         self.reserve = reserve  # columns to leave free at the first allocation (e.g. the tokens still to decode)
         self.buf: dict[str, torch.Tensor] = {}
         self.live: torch.Tensor | None = None
@@ -151,7 +231,7 @@ class Pool:
         B, m = valid.shape
         remap = None
         if not self.buf:
-            self.buf = {k: v.new_zeros(*v.shape[:2], 0, v.shape[3]) for k, v in enc.items()}
+            self.buf = {k: self._zeros(v, 0) for k, v in enc.items()}
             self.live = torch.zeros(B, 0, dtype=torch.bool, device=self.device)
         if self.used + m > self.capacity:
             remap = self.compact(extra=m)
@@ -163,10 +243,23 @@ class Pool:
         cols = torch.arange(u, u + m, device=valid.device).expand(B, m)
         return torch.where(valid, cols, -1), remap
 
+    def _zeros(self, like: torch.Tensor, cap: int) -> torch.Tensor:
+        """A zeroed buffer (B, H, cap, D) like ``like``; zero, not empty: attention multiplies
+        unwritten columns by 0."""
+        return torch.zeros(*like.shape[:2], cap, like.shape[3], dtype=like.dtype, device=self.device, pin_memory=self.pinned)
+
     def read_raw(self, cols: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gather per-row columns (B, m; every entry a valid column) into new tensors, as stored."""
+        """Gather per-row columns (B, m; every entry a valid column) into new tensors (pinned
+        for a pinned pool), as stored."""
         c = cols.to(self.device)
-        return {k: _take(v, c) for k, v in self.buf.items()}
+        if not self.pinned:
+            return {k: _take(v, c) for k, v in self.buf.items()}
+        out = {}
+        for k, v in self.buf.items():
+            B, H, _, D = v.shape
+            out[k] = torch.gather(v, 2, c[:, None, :, None].expand(B, H, c.shape[1], D),
+                                  out=torch.empty(B, H, c.shape[1], D, dtype=v.dtype, pin_memory=True))
+        return out
 
     def read(self, cols: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """:meth:`read_raw`, de-quantized to ``dtype``."""
@@ -198,7 +291,7 @@ class Pool:
             cap = int(need * self.GROWTH) + 16
         new = {}
         for k, v in self.buf.items():
-            b = v.new_zeros(*v.shape[:2], cap, v.shape[3])  # zero, not empty: attention multiplies unwritten columns by 0
+            b = self._zeros(v, cap)
             b[:, :, :keep] = _take(v, idx)
             new[k] = b
         self.buf = new
@@ -226,12 +319,16 @@ class Pool:
 class TieredStore:
     """The runtime KV of one layer; see the module docstring."""
 
-    def __init__(self, policy: Policy, device, host, int8: bool, dtype: torch.dtype, reserve: int = 0):
+    def __init__(self, policy: Policy, device, host, int8: bool, dtype: torch.dtype, reserve: int = 0,
+                 link: Link | None = None):
         self.policy = policy
         self.dtype = dtype
+        self.link = link or Link(device)
         self.dev = Pool(device, int8, reserve)
-        self.host = Pool(host, int8)
-        self.xs = Pool(host)  # attention inputs of tokens that may be recomputed (never quantized)
+        self.host = Pool(host, int8, pinned=self.link.pinned)
+        self.xs = Pool(host, pinned=self.link.pinned)  # attention inputs of tokens that may be recomputed (never quantized)
+        self.n_max: int | None = None  # a bound on the positions + 1 of every query to come (from adopt)
+        self._ahead = None  # (t, selected host slots, fetch) started by prefetch for the query at t
         # per logical slot: position, tier, column in its pool, column in the input pool; they
         # follow the slots through the same helper as the policy's state (amortised appends)
         self.slots = PolicyState()
@@ -256,7 +353,7 @@ class TieredStore:
         the device pool). ``x`` (B, T, hidden) at positions ``x_pos`` (B, T) are the prompt's
         attention inputs, kept for slots that may be recomputed. ``n_max``: a bound on the
         positions + 1 of the queries to come (sizes the policy's state for all of them now)."""
-        self.state = state
+        self.state, self.n_max = state, n_max
         if state is not None:  # the whole generation's state, sized now: no re-allocation in a decode step
             if n_max is not None:
                 self.policy.prepare(state, n_max)
@@ -305,6 +402,7 @@ class TieredStore:
         gone = (self.pos >= 0) & ~retain
         if not bool(gone.any()):
             return
+        self._ahead = None  # slots and columns move
         for pool, t in ((self.dev, DEVICE), (self.host, HOST)):
             idx, valid = rows_of(gone & (self.tier == t))
             pool.free(self.loc.gather(1, idx), valid)
@@ -356,26 +454,27 @@ class TieredStore:
         U = dev["k"].shape[2]  # device columns; the fetched and recomputed keys become extra columns U + j
         loc = torch.where(self.tier == DEVICE, self.loc, -1)
         xk, xv = [], []
+        ahead, self._ahead = self._ahead, None
         for tier in (HOST, GONE):
             tsel = sel & (self.tier == tier)
-            if not bool(tsel.any()):
-                continue
-            idx, valid = rows_of(tsel)
-            t0 = _now()
             if tier == HOST:
-                cols = torch.where(valid, self.loc.gather(1, idx), 0)
-                moved = {k: v.to(query.device) for k, v in self.host.read_raw(cols).items()}
-                self.traffic.h2d_bytes += _nbytes(moved.values())
-                self.traffic.tokens_fetched += int(valid.sum())
-                kv = self.host.decode(moved, query.dtype)
+                fetched = self._fetched_ahead(ahead, t, tsel)
+                if fetched is None and bool(tsel.any()):
+                    fetched = self._fetch(tsel)
+                if fetched is None:
+                    continue
+                idx, valid, moved, token = fetched
+                kv = self.host.decode(self.link.ready(moved, token), query.dtype)
                 k, v = kv["k"], kv["v"]
-                self.traffic.seconds["transfer"] += _now(query.device) - t0
+            elif not bool(tsel.any()):
+                continue
             else:
+                idx, valid = rows_of(tsel)
+                t0 = _now()
                 cols = torch.where(valid, self.xloc.gather(1, idx), 0)
-                x = self.xs.read_raw(cols)["x"].to(query.device)
+                x = self.link.ready(*self.link.fetch(self.xs.read_raw(cols), self.traffic, t0))["x"]
                 self.traffic.h2d_bytes += _nbytes([x])
                 t1 = _now(query.device)
-                self.traffic.seconds["transfer"] += t1 - t0
                 k, v = recompute(x[:, 0], pos.gather(1, idx))
                 self.traffic.tokens_recomputed += int(valid.sum())
                 self.traffic.seconds["recompute"] += _now(query.device) - t1
@@ -388,12 +487,51 @@ class TieredStore:
                                    keep=keep, n_max=n_max)[0]
         return out.transpose(1, 2)
 
+    def _fetch(self, want: torch.Tensor):
+        """Start moving the host slots ``want`` (B, C) to the device: (slots (B, m), their
+        validity, the moved tensors as stored, the link's token)."""
+        t0 = _now()
+        idx, valid = rows_of(want)
+        cols = torch.where(valid, self.loc.gather(1, idx), 0)
+        moved, token = self.link.fetch(self.host.read_raw(cols), self.traffic, t0)
+        self.traffic.h2d_bytes += _nbytes(moved.values())
+        self.traffic.tokens_fetched += int(valid.sum())
+        return idx, valid, moved, token
+
+    def prefetch(self, t: torch.Tensor) -> None:
+        """Start fetching the host keys the query at positions ``t`` (B,) will select, before
+        that query (and its key) exist: a policy that ``selects_ahead`` knows them from the slots
+        before t and its state. The engine calls this for layer l + 1 after layer l's step, so the
+        copy overlaps the compute in between. :meth:`attend` uses the fetch only if it is exactly
+        the host keys it selects; otherwise it fetches again (a miss costs bytes, not exactness)."""
+        self._ahead = None
+        if self.host.used == 0 or not self.policy.selects_ahead:
+            return
+        keep = attend_with_feedback(self.policy, self.state, self.pos, t[:, None], None, select_only=True,
+                                    n_max=self.n_max)[1]
+        want = keep[:, 0] & (self.tier == HOST)
+        self._ahead = (t, want, self._fetch(want) if bool(want.any()) else None)
+
+    def _fetched_ahead(self, ahead, t: torch.Tensor, want: torch.Tensor):
+        """The fetch :meth:`prefetch` started, if it was for the query at ``t`` and the host
+        slots ``want`` (slots appended since hold no host keys); None otherwise (counted a miss)."""
+        if ahead is None:
+            return None
+        t_ahead, want_ahead, fetched = ahead
+        c = want_ahead.shape[1]
+        if torch.equal(t_ahead, t) and torch.equal(want_ahead, want[:, :c]) and not bool(want[:, c:].any()):
+            self.traffic.prefetch_hits += 1
+            return fetched
+        self.traffic.prefetch_misses += 1
+        return None
+
     # --- scheduling ---------------------------------------------------------------------
     def schedule(self, plan: Plan, step: int, t_next: torch.Tensor) -> None:
         """Bring the tiers to what ``plan`` asks before decode step ``step`` (next positions t_next)."""
         phase = plan.phase(step)
         if phase == 1:
             return
+        self._ahead = None  # tiers and columns move
         live = self.pos >= 0
         if plan.local_on_device:
             k_loc = self.policy.recent_count(t_next + 1)[:, None]
@@ -424,7 +562,7 @@ class TieredStore:
         t0 = _now()
         idx, valid = rows_of(move)
         cols = torch.where(valid, self.loc.gather(1, idx), 0)
-        raw = {k: v.to(self.host.device) for k, v in self.dev.read_raw(cols).items()}
+        raw = self.link.offload(self.dev.read_raw(cols), self.traffic)
         self.traffic.d2h_bytes += _nbytes(raw.values())
         self.dev.free(cols, valid)
         new_cols, remap = self.host.write_raw(raw, valid)  # both pools share one encoding
@@ -433,7 +571,8 @@ class TieredStore:
         self.tier = torch.where(move, HOST, self.tier)
         self._compact_pools()
         self.traffic.tokens_offloaded += int(valid.sum())
-        self.traffic.seconds["transfer"] += _now() - t0
+        if not self.link.cuda:  # on CUDA the link timed the copy
+            self.traffic.seconds["transfer"] += _now() - t0
 
     # --- measurement --------------------------------------------------------------------
     def counts(self) -> dict[str, float]:
