@@ -1,0 +1,90 @@
+"""scripts/bench_gpu.py: the dry run (the same code paths on the CPU, a tiny OPT-like shape) writes
+every system's record and every target; without CUDA and without --dry it is one line, exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "bench_gpu.py"
+# smaller than --dry's default shape: about 20 s on two cores
+SMALL = ["--prompt", "16", "--batch", "2", "--big-batch", "3", "--new", "4", "--big-new", "4", "--layers", "1", "--hidden", "64"]
+
+
+def bench(*args, timeout=240):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_dry_run_writes_every_record_and_every_target(tmp_path):
+    out = tmp_path / "dry.json"
+    r = bench("--dry", *SMALL, "--extra", "--out", str(out))  # --extra: every system at both batches
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dry run: figures are not GPU figures" in r.stdout and "Traceback" not in r.stderr
+    assert f"reproduce: python scripts/bench_gpu.py --dry {' '.join(SMALL)} --extra --out {out}" in r.stdout
+    d = json.loads(out.read_text())
+    assert d["dry"] is True and d["note"] == "dry run: figures are not GPU figures"
+    engine = ["engine dense", "engine h2o@0.8", "engine swa@0.8"]
+    expected = ([f"b2 {s}" for s in ["stock", "hf_static", "hf_offloaded", "flexgen", *engine]]
+                + [f"b3 {s}" for s in ["stock", "hf_static", *engine]]  # hf_static here and hf_offloaded at b2: --extra
+                + [f"b3-budget {s}" for s in ["hf_offloaded", "flexgen", *engine]])
+    assert sorted(d["records"]) == sorted(expected)
+    for key, rec in d["records"].items():
+        assert key in r.stdout  # a table row each
+        if key.endswith("hf_offloaded"):  # needs a GPU: skipped, saying why
+            assert rec["status"] == "skipped" and "no GPU here" in rec["reason"], rec
+        else:
+            assert rec["status"] == "ok", (key, rec)
+            assert rec["step_s_mean"] > 0 and rec["throughput_tok_s"] > 0, key
+    static = d["records"]["b2 hf_static"]
+    assert static["compiled"] is False and "not compiled" in static["compile_reason"] and static["prefill_shared"] is True
+    # under the budget the plan comes from the cost model's search with this run's profile, and dense offloads
+    budget = d["workload"]["device_budget"]
+    dense_b = d["records"]["b3-budget engine dense"]
+    assert dense_b["predicted"]["plan"]["alpha"] > 0 and dense_b["plan"] == dense_b["predicted"]["plan"]
+    assert dense_b["bytes_h2d"] > 0 and dense_b["kv_bytes_peak"]["device"] <= budget
+    assert d["records"]["b3-budget flexgen"]["kv_bytes_peak"]["device"] <= budget
+    assert d["profile"]["hbm_copy_bw"] > 0 and d["profile"]["h2d_pinned_bw"] is None
+    assert d["rates"]["hbm_copy_bw"] == d["profile"]["hbm_copy_bw"] and "no CUDA device" in d["rates"]["pinned_what"]
+    names = [t["target"] for t in d["targets"]]
+    for prefix in ["(a) engine dense step (batch 2) <= 2x", "(a) engine dense step <= 0.5x stock", "(b) swa@0.8", "(b) h2o@0.8",
+                   "(c) tier transfer rate", "(d) swa@0.8 under the budget, end-to-end tok/s >= 1.5x flexgen",
+                   "(d) swa@0.8 under the budget, end-to-end tok/s >= 1.4x hf_offloaded",
+                   "(d) swa@0.8 under the budget, end-to-end tok/s >= 1.0x stock", "(e) swa@0.8 sparse prefill"]:
+        assert sum(n.startswith(prefix) for n in names) == 1, (prefix, names)
+    for t in d["targets"]:
+        assert t["status"] in ("PASS", "MISS", "N/A") and f"{t['status']:<4}  {t['target']}" in r.stdout
+        if t["status"] == "N/A":  # not measured: it says why, and no ratio is claimed
+            assert t["ratio"] is None and t["why"]
+        else:
+            assert t["ratio"] > 0 and t["met"] == (t["status"] == "PASS")
+    (c,) = [t for t in d["targets"] if t["target"].startswith("(c)")]
+    assert c["status"] == "N/A" and "no pinned H2D rate" in c["why"]  # the CPU has no pinned link to compare with
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_without_cuda_and_without_dry_it_is_one_line_and_writes_nothing(tmp_path):
+    r = bench("--out", str(tmp_path / "x" / "gpu.json"), timeout=60)
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stdout + r.stderr
+    assert lines[0].startswith("error: no CUDA device is present") and "--dry" in lines[0]
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--budget-gib", "-1"], "--budget-gib=-1.0 is invalid: allowed is a number of GiB > 0"),
+    (["--new", "1"], "--new=1 is invalid: allowed is an integer >= 2"),
+    (["--systems", "stock,warp"], "--systems entry 'warp' is invalid: allowed are stock, hf_static, hf_offloaded, flexgen, engine"),
+    (["--hidden", "65"], "--hidden=65 is invalid: allowed is a multiple of 4"),
+])
+def test_bad_input_is_one_line(tmp_path, args, needle):
+    r = bench("--dry", *args, "--out", str(tmp_path / "dry.json"), timeout=60)
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stdout + r.stderr
+    assert not any(tmp_path.iterdir())
