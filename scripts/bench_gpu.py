@@ -24,6 +24,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,13 +88,18 @@ def card_name(dev: torch.device) -> str:
 
 
 def check_writable(out: Path) -> str | None:
+    """Why ``out`` cannot be written (None: it can), before anything runs; creates nothing that stays."""
     probe = out.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if out.is_dir():
         return "a folder"
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        return f"{str(probe)!r} is not a writable folder"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        return f"{e.strerror or e}: {str(probe)!r}"
     return None
 
 
@@ -269,6 +275,14 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     a = parse(argv)
+    try:
+        return _run(a, argv)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # outside any one system: nothing was saved
+        print(f"error: the benchmark failed ({_first_line(e)}); nothing was saved", file=sys.stderr)
+        return 1
+
+
+def _run(a, argv) -> int:
     if not a.dry and not torch.cuda.is_available():
         print("error: no CUDA device is present: this benchmark measures a GPU; for a CPU dry run of the same code paths "
               "use `python scripts/bench_gpu.py --dry`", file=sys.stderr)
@@ -391,13 +405,19 @@ def _main(argv) -> int:
     if a.dry:
         print(DRY_NOTE)
     print(f"\nreproduce: {command}")
-    write_json(out, {
+    result = {
         "dry": a.dry, **({"note": DRY_NOTE} if a.dry else {}), "model": name, "shape": shape,
         "workload": {"prompt": a.prompt, "batch": a.batch, "new_tokens": a.new, "big_batch": a.big_batch,
                      "big_new_tokens": a.big_new, "device_budget": budget, "device_budget_why": budget_why},
         "rates": rates, "weight_bytes": weight_bytes, "kv_bytes_per_token": kvb, "step_roofline_s": roof_s,
         "profile": prof.to_dict(), "records": rec, "targets": tg, "command": command,
-        "wall_s": time.perf_counter() - t_start, "hardware": hardware(dev.type), "versions": versions(), "git": git_commit()})
+        "wall_s": time.perf_counter() - t_start, "hardware": hardware(dev.type), "versions": versions(), "git": git_commit()}
+    try:
+        write_json(out, result)  # atomic: a failed write leaves no partial file
+    except OSError as e:
+        print(f"error: --out={str(out)!r} cannot be written ({e.strerror or e}): allowed is a writable file path; "
+              "nothing was saved", file=sys.stderr)
+        return 1
     print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)")
     return 0
 

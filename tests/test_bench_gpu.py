@@ -82,9 +82,10 @@ def test_without_cuda_and_without_dry_it_is_one_line_and_writes_nothing(tmp_path
     (["--new", "1"], "--new=1 is invalid: allowed is an integer >= 2"),
     (["--systems", "stock,warp"], "--systems entry 'warp' is invalid: allowed are stock, hf_static, hf_offloaded, flexgen, engine"),
     (["--hidden", "65"], "--hidden=65 is invalid: allowed is a multiple of 4"),
+    (["--out", "/proc/alisa-bench.json"], "--out='/proc/alisa-bench.json' cannot be written"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, needle):
-    r = bench("--dry", *args, "--out", str(tmp_path / "dry.json"), timeout=60)
+    r = bench("--dry", "--out", str(tmp_path / "dry.json"), *args, timeout=60)  # a later --out wins
     lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stdout + r.stderr
     assert not any(tmp_path.iterdir())
