@@ -400,8 +400,8 @@ def _run(a, argv) -> int:
         print(f"tier transfer rate under the budget: {rates['tier_transfer_bw'] / 1e9:.2f} GB/s "
               f"({', '.join(rates['tier_transfer_from'])})")
     for t in tg:
-        ratio = f"measured {t['ratio']:.2f}x" if t["ratio"] is not None else ""
-        print(f"  {t['status']:<4}  {t['target']}: {ratio}{'  (' + t['why'] + ')' if t.get('why') else ''}")
+        ratio = f": measured {t['ratio']:.2f}x" if t["ratio"] is not None else ""
+        print(f"  {t['status']:<4}  {t['target']}{ratio}{' (' + t['why'] + ')' if t.get('why') else ''}")
     if a.dry:
         print(DRY_NOTE)
     print(f"\nreproduce: {command}")
