@@ -168,3 +168,28 @@ def test_the_sweep_runs_hf_static_as_a_baseline(tmp_path):
     assert sorted(recs) == ["dense-s0__tput-hf_static-b1", "dense-s0__tput-stock-b1"]  # a baseline: once, at dense
     t = recs["dense-s0__tput-hf_static-b1"]["throughput"]
     assert t["status"] == "ok" and t["compiled"] is False and t["prefill_shared"] is True and t["decode_tok_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="torch.compile's CPU backend needs a C compiler")
+def test_hf_static_compiled_route_traces_once_and_matches_stock(monkeypatch):
+    """The route CUDA takes (torch.compile of the forward, warm-up, cache set back), forced on the CPU
+    (inductor; no CUDA graphs there): one graph for every decode step, no recompile, stock's tokens."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    import alisa.runtime.throughput as tp
+    from alisa.runtime.engine import dense_prefill
+    from alisa.testing import tiny_model
+
+    model = tiny_model("opt", seed=3)
+    ids = torch.randint(2, 101, (3, 12), generator=torch.Generator().manual_seed(0))
+    stock = tp.stock_generate(model, ids, 12)["tokens"]
+    monkeypatch.setattr(tp, "static_compile_reason", lambda dev: None)  # compile as on CUDA
+    torch._dynamo.reset()
+    counters.clear()
+    out = tp.static_generate(model, ids, 12, dense_prefill(model, ids))
+    assert out["compiled"] is True and out["warmup_steps"] == tp.STATIC_WARMUP_STEPS and out["warmup_s"] > 0
+    assert torch.equal(out["tokens"], stock)
+    assert counters["stats"]["unique_graphs"] == 1  # the padded mask and contiguous positions: same guards every step
+    torch._dynamo.reset()

@@ -87,10 +87,13 @@ class _StaticForward:
         self.length = length
         self.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False) if compiled else model.forward
 
-    def __call__(self, *, input_ids, attention_mask, **kw):
+    def __call__(self, *, input_ids, attention_mask, position_ids, **kw):
         mask = attention_mask.new_zeros(attention_mask.shape[0], self.length)
         mask[:, :attention_mask.shape[1]] = attention_mask
-        return self.forward(input_ids=input_ids, attention_mask=mask, **kw)
+        # position_ids arrive as a column slice of a growing tensor (a new stride each step): a fresh
+        # contiguous copy keeps the compiled graph's guards (and its CUDA graph) the same every step
+        position_ids = position_ids.clone(memory_format=torch.contiguous_format)
+        return self.forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kw)
 
 
 def static_compile_reason(device: torch.device) -> str | None:
