@@ -120,6 +120,7 @@ class PolicyState:
         self.slot = slot or {}
         self.other = other or {}
         self._spare: dict[str, torch.Tensor] = {}  # the buffers behind ``slot``
+        self.n_max: int | None = None  # a host bound on q_pos + 1 of the queries to come (Policy.prepare)
 
     def _room(self, name: str, m: int, grow: int | None = None) -> torch.Tensor:
         """The buffer behind slot tensor ``name`` with room for ``m`` more slots (re-allocated to
@@ -453,14 +454,15 @@ class TwoPart(Policy):
         return c, c & (pos > tt - k), k[:, 0], (2 * k >= n)
 
     def prepare(self, state, n_max):
-        if state is not None:  # a host bound on k: the top-k's threshold needs no read-back
-            state.other["k_max"] = self.half_count(max(n_max, 1))
+        if state is not None:  # bounds k on the host: the top-k's threshold needs no read-back
+            state.n_max = n_max
 
     def select(self, pos, t, state):
         c, recent, k, dense = self._rows(pos, t)
         if dense is True:
             return c
-        top = topk_mask(self.score(state), c & ~recent & self.eligible(state), k, state.other.get("k_max"))
+        k_max = None if state.n_max is None else self.half_count(max(state.n_max, 1))
+        top = topk_mask(self.score(state), c & ~recent & self.eligible(state), k, k_max)
         return recent | top if dense is False else torch.where(dense, c, recent | top)
 
     def retain(self, pos, t_next, state):
