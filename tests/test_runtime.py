@@ -109,6 +109,44 @@ def test_a_wrong_fetch_ahead_is_fetched_again():
     assert g.traffic.h2d_bytes > base.traffic.h2d_bytes
 
 
+@pytest.mark.parametrize("policy,kw", POLICIES[:3], ids=[p for p, _ in POLICIES[:3]])
+def test_evict_reads_nothing_back_between_compaction_looks(policy, kw, monkeypatch):
+    """A decode step's eviction is masks only (no .item(), bool() or int() of a tensor, which on
+    a GPU would wait for the device); only every COMPACT_EVERY-th eviction looks at the counts."""
+    from alisa.runtime import tiered
+
+    inside, reads = [False], []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _orig=orig, **k):
+            if inside[0]:
+                reads[-1] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    evict = tiered.TieredStore.evict
+
+    def watched(self, retain):
+        inside[0] = True
+        reads.append(0)
+        try:
+            return evict(self, retain)
+        finally:
+            inside[0] = False
+            if (self._evictions - 1) % self.COMPACT_EVERY == 0:
+                reads[-1] = None  # a compaction look: reads counts back by design
+
+    monkeypatch.setattr(tiered.TieredStore, "evict", watched)
+    model = tiny_model("llama")
+    ids, mask = padded_batch(24)
+    ref = Engine(model, policy, **kw).generate(ids, mask, 20).tokens
+    assert any(r is None for r in reads) and sum(r is not None for r in reads) > 10
+    assert all(r == 0 for r in reads if r is not None), reads
+    monkeypatch.setattr(tiered.TieredStore, "COMPACT_EVERY", 1)  # compacting at every eviction computes the same
+    assert torch.equal(Engine(model, policy, **kw).generate(ids, mask, 20).tokens, ref)
+
+
 def test_phases_switch_at_planned_steps_and_bytes_are_the_tensors_moved():
     model = tiny_model("llama", num_hidden_layers=3)
     ids = torch.randint(2, 101, (1, 40), generator=torch.Generator().manual_seed(0))

@@ -193,6 +193,6 @@ def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy:
         g = eng.generate(ids, None, new_tokens, prefilled=use_shared)
         s = g.summary()
         return {**rec, "status": "ok", "prefill_shared": use_shared is not None, **pol.key, "prefill": prefill, "int8": int8,
-                "plan": asdict(pl), **s}
+                "plan": asdict(pl), "prefetch": eng.prefetch, **s}
     except (BudgetExceeded, torch.OutOfMemoryError, MemoryError) as e:
         return {**rec, "status": "oom", "error": f"{type(e).__name__}: {e}"}

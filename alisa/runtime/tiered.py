@@ -273,7 +273,8 @@ class Pool:
         return self.decode({k: v[:, :, :self.used] for k, v in self.buf.items()}, dtype)
 
     def free(self, cols: torch.Tensor, valid: torch.Tensor) -> None:
-        if cols.numel():
+        """Mark columns ``cols`` (B, m) free where ``valid``; masks only, no read-back."""
+        if self.live is not None and cols.numel():
             c = torch.where(valid, cols, self.capacity).to(self.device)
             pad = torch.zeros(self.live.shape[0], 1, dtype=torch.bool, device=self.device)
             self.live = torch.cat([self.live, pad], 1).scatter_(1, c, False)[:, :-1]
@@ -329,6 +330,7 @@ class TieredStore:
         self.xs = Pool(host, pinned=self.link.pinned)  # attention inputs of tokens that may be recomputed (never quantized)
         self.n_max: int | None = None  # a bound on the positions + 1 of every query to come (from adopt)
         self._ahead = None  # (t, selected host slots, fetch) started by prefetch for the query at t
+        self._evictions = 0
         # per logical slot: position, tier, column in its pool, column in the input pool; they
         # follow the slots through the same helper as the policy's state (amortised appends)
         self.slots = PolicyState()
@@ -397,22 +399,24 @@ class TieredStore:
         if x is not None:
             self._write_x(x, valid)
 
+    COMPACT_EVERY = 16  # evictions between two looks at whether to compact (a look reads counts back)
+
     def evict(self, retain: torch.Tensor) -> None:
-        """Forget every slot not in ``retain``: free its columns; compact the logical slots."""
+        """Forget every slot not in ``retain``: free its columns and mark it empty (masks, no
+        read-back, nothing moves); at the first eviction and every ``COMPACT_EVERY``-th after,
+        compact the pools and the logical slots that are mostly free."""
         gone = (self.pos >= 0) & ~retain
-        if not bool(gone.any()):
-            return
-        self._ahead = None  # slots and columns move
-        for pool, t in ((self.dev, DEVICE), (self.host, HOST)):
-            idx, valid = rows_of(gone & (self.tier == t))
-            pool.free(self.loc.gather(1, idx), valid)
-        idx, valid = rows_of(gone & (self.xloc >= 0))
-        self.xs.free(self.xloc.gather(1, idx), valid)
+        self._ahead = None  # slots and columns may move
+        self.dev.free(self.loc, gone & (self.tier == DEVICE))
+        self.host.free(self.loc, gone & (self.tier == HOST))
+        self.xs.free(self.xloc, gone & (self.xloc >= 0))
         self.pos.masked_fill_(gone, -1)  # in place: the slot buffers keep their spare capacity
-        self._compact_pools()
-        live = self.pos >= 0
-        if 2 * int(live.sum(1).max()) < self.used:
-            self._compact(live)
+        self._evictions += 1
+        if self._evictions % self.COMPACT_EVERY == 1:
+            self._compact_pools()
+            live = self.pos >= 0
+            if 2 * int(live.sum(1).max()) < self.used:
+                self._compact(live)
 
     def _compact_pools(self) -> None:
         """Give memory back once a pool is mostly freed columns (after evictions or offloads)."""
