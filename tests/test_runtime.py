@@ -7,7 +7,7 @@ import alisa
 from alisa.runtime.costmodel import Profile, Workload, device_floor, predict, search
 from alisa.runtime.engine import BudgetExceeded, Engine
 from alisa.runtime.recompute import input_bytes_per_token, kv_bytes_per_token
-from alisa.runtime.tiered import GONE, HOST, Plan, Pool
+from alisa.runtime.tiered import GONE, Plan, Pool
 from conftest import padded_batch, tiny_model
 
 NEW = 10
