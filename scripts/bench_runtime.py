@@ -24,21 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alisa.models import load_model  # noqa: E402
+from alisa.profile import hbm_copy_bandwidth  # noqa: E402
 from alisa.results import REPO, hardware, versions, write_json  # noqa: E402
 from alisa.runtime.engine import dense_prefill  # noqa: E402
 from alisa.runtime.throughput import run_point, workload_prompts  # noqa: E402
-
-
-def copy_bandwidth(device) -> float:
-    x = torch.empty(256 << 20, dtype=torch.uint8, device=device).fill_(1)  # 256 MiB
-    y = torch.empty_like(x)
-    y.copy_(x)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        y.copy_(x)
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() / best  # bytes read per second (what a decode step does with weights and KV)
 
 
 def matmul_rate(device, dtype) -> float:
@@ -65,7 +54,7 @@ def main() -> int:
     dev = torch.device(a.device)
     cfg = model.config
     ids = workload_prompts(tok, a.batch, a.prompt, seed=0)
-    bw, rate = copy_bandwidth(dev), matmul_rate(dev, model.dtype)
+    bw, rate = hbm_copy_bandwidth(dev), matmul_rate(dev, model.dtype)  # bytes copied per second: a step reads weights and KV once
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s, matmul {rate / 1e9:.0f} GFLOP/s, weights {weight_bytes / 1e9:.3f} GB", flush=True)

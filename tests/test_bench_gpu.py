@@ -68,7 +68,7 @@ def test_dry_run_writes_every_record_and_every_target(tmp_path):
     assert c["status"] == "N/A" and "no pinned H2D rate" in c["why"]  # the CPU has no pinned link to compare with
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error; with a CUDA device present bench_gpu runs the real benchmark instead")
 def test_without_cuda_and_without_dry_it_is_one_line_and_writes_nothing(tmp_path):
     r = bench("--out", str(tmp_path / "x" / "gpu.json"), timeout=60)
     lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]

@@ -171,7 +171,7 @@ def test_the_sweep_runs_hf_static_as_a_baseline(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="torch.compile's CPU backend needs a C compiler")
+@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="torch.compile's CPU backend (inductor) builds C++: install a C compiler (cc) to run this test")
 def test_hf_static_compiled_route_traces_once_and_matches_stock(monkeypatch):
     """The route CUDA takes (torch.compile of the forward, warm-up, cache set back), forced on the CPU
     (inductor; no CUDA graphs there): one graph for every decode step, no recompile, stock's tokens."""

@@ -66,13 +66,17 @@ def stock_generate(model, ids: torch.Tensor, new_tokens: int, prefilled: Prefill
         cache.update(k.clone() if shared else k, v.clone() if shared else v, l)
     prefill_s = prefilled.seconds
     tokens, steps, _ = greedy_steps(model, prefilled.logits.argmax(-1), mask, cache, new_tokens)
+    return _cache_record(tokens, steps, prefill_s, cache, dev)
+
+
+def _cache_record(tokens: list[torch.Tensor], steps: list[float], prefill_s: float, cache, dev: torch.device) -> dict:
+    """The record of a greedy run on one of transformers' caches (all its KV on the device)."""
     kv = sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers)
-    B = ids.shape[0]
-    decode_s = sum(steps)
+    B, new_tokens, decode_s = tokens[0].shape[0], len(tokens), sum(steps)
     return {"tokens": torch.stack(tokens, 1), "batch": B, "new_tokens": new_tokens,
             "throughput_tok_s": B * new_tokens / (prefill_s + decode_s), "decode_tok_s": B * len(steps) / decode_s if decode_s else None,
             "prefill_s": prefill_s, "decode_s": decode_s, "total_s": prefill_s + decode_s,
-            "step_s_mean": decode_s / len(steps) if steps else None,
+            "step_s_mean": decode_s / len(steps) if steps else None, "step_s": list(steps),
             "kv_bytes_peak": {"device": kv, "host": 0}, "bytes_d2h": None, "bytes_h2d": None, "tokens_recomputed": 0,
             "peak_cuda_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
 
@@ -150,16 +154,8 @@ def static_generate(model, ids: torch.Tensor, new_tokens: int, prefilled: Prefil
         _sync(dev)
         warm_s = time.perf_counter() - t0
     tokens, steps, _ = greedy_steps(fwd, last.argmax(-1), mask, cache, new_tokens)
-    kv = sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers)
-    decode_s = sum(steps)
-    return {"tokens": torch.stack(tokens, 1), "batch": B, "new_tokens": new_tokens,
-            "throughput_tok_s": B * new_tokens / (prefill_s + decode_s), "decode_tok_s": B * len(steps) / decode_s if decode_s else None,
-            "prefill_s": prefill_s, "decode_s": decode_s, "total_s": prefill_s + decode_s,
-            "step_s_mean": decode_s / len(steps) if steps else None, "step_s": list(steps),
-            "compiled": compiled, "warmup_s": warm_s, "warmup_steps": warmup,
-            **({} if compiled else {"compile_reason": reason or "compiled=False asked for"}),
-            "kv_bytes_peak": {"device": kv, "host": 0}, "bytes_d2h": None, "bytes_h2d": None, "tokens_recomputed": 0,
-            "peak_cuda_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
+    return {**_cache_record(tokens, steps, prefill_s, cache, dev), "compiled": compiled, "warmup_s": warm_s, "warmup_steps": warmup,
+            **({} if compiled else {"compile_reason": reason or "compiled=False asked for"})}
 
 
 def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy: str | Policy = "dense", sparsity: float | None = None,

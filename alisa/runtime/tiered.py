@@ -459,29 +459,11 @@ class TieredStore:
         loc = torch.where(self.tier == DEVICE, self.loc, -1)
         xk, xv = [], []
         ahead, self._ahead = self._ahead, None
-        for tier in (HOST, GONE):
-            tsel = sel & (self.tier == tier)
-            if tier == HOST:
-                fetched = self._fetched_ahead(ahead, t, tsel)
-                if fetched is None and bool(tsel.any()):
-                    fetched = self._fetch(tsel)
-                if fetched is None:
-                    continue
-                idx, valid, moved, token = fetched
-                kv = self.host.decode(self.link.ready(moved, token), query.dtype)
-                k, v = kv["k"], kv["v"]
-            elif not bool(tsel.any()):
+        for part in (self._fetched(sel & (self.tier == HOST), t, ahead, query.dtype),
+                     self._recomputed(sel & (self.tier == GONE), recompute, query.device)):
+            if part is None:
                 continue
-            else:
-                idx, valid = rows_of(tsel)
-                t0 = _now()
-                cols = torch.where(valid, self.xloc.gather(1, idx), 0)
-                x = self.link.ready(*self.link.fetch(self.xs.read_raw(cols), self.traffic, t0))["x"]
-                self.traffic.h2d_bytes += _nbytes([x])
-                t1 = _now(query.device)
-                k, v = recompute(x[:, 0], pos.gather(1, idx))
-                self.traffic.tokens_recomputed += int(valid.sum())
-                self.traffic.seconds["recompute"] += _now(query.device) - t1
+            idx, valid, k, v = part
             new = U + sum(x.shape[2] for x in xk) + torch.arange(idx.shape[1], device=loc.device)
             loc.scatter_(1, idx, torch.where(valid, new, loc.gather(1, idx)))
             xk.append(k)
@@ -490,6 +472,34 @@ class TieredStore:
                                    xkeys=torch.cat(xk, 2) if xk else None, xvals=torch.cat(xv, 2) if xv else None,
                                    keep=keep, n_max=n_max)[0]
         return out.transpose(1, 2)
+
+    def _fetched(self, want: torch.Tensor, t: torch.Tensor, ahead, dtype: torch.dtype):
+        """The selected host slots ``want`` (B, C) on the device: (slots (B, m), their validity,
+        K, V), from the fetch started ahead when it is exactly these; None if there are none."""
+        fetched = self._fetched_ahead(ahead, t, want)
+        if fetched is None and bool(want.any()):
+            fetched = self._fetch(want)
+        if fetched is None:
+            return None
+        idx, valid, moved, token = fetched
+        kv = self.host.decode(self.link.ready(moved, token), dtype)
+        return idx, valid, kv["k"], kv["v"]
+
+    def _recomputed(self, want: torch.Tensor, recompute, device):
+        """K, V of the selected deleted slots ``want`` (B, C), recomputed on the device from their
+        stored inputs: (slots (B, m), their validity, K, V); None if there are none."""
+        if not bool(want.any()):
+            return None
+        idx, valid = rows_of(want)
+        t0 = _now()
+        cols = torch.where(valid, self.xloc.gather(1, idx), 0)
+        x = self.link.ready(*self.link.fetch(self.xs.read_raw(cols), self.traffic, t0))["x"]
+        self.traffic.h2d_bytes += _nbytes([x])
+        t1 = _now(device)
+        k, v = recompute(x[:, 0], self.pos.gather(1, idx))
+        self.traffic.tokens_recomputed += int(valid.sum())
+        self.traffic.seconds["recompute"] += _now(device) - t1
+        return idx, valid, k, v
 
     def _fetch(self, want: torch.Tensor):
         """Start moving the host slots ``want`` (B, C) to the device: (slots (B, m), their
