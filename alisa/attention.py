@@ -34,8 +34,10 @@ class KeptStats:
         real = q_pos >= 0
         frac = keep.sum(-1).double() / (q_pos + 1).clamp(min=1)
         s, r = (frac * real).sum(), real.sum()
-        self._sum[layer] = self._sum.get(layer, 0) + s
-        self._rows[layer] = self._rows.get(layer, 0) + r
+        if layer not in self._sum:  # accumulators updated in place from then on
+            self._sum[layer], self._rows[layer] = torch.zeros_like(s), torch.zeros_like(r)
+        self._sum[layer] += s
+        self._rows[layer] += r
 
     def per_layer(self) -> dict[int, float]:
         return {l: float(self._sum[l] / self._rows[l]) for l in sorted(self._sum) if int(self._rows[l]) > 0}

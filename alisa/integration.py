@@ -84,7 +84,7 @@ class AlisaCache(Cache):
         if self.n_real is None:
             self.n_real = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
         self.chunk_pos = chunk_positions(mask, self.n_real)
-        self.n_real = self.n_real + mask.bool().sum(1)
+        self.n_real += mask.bool().sum(1)  # in place: a replayed step reads the count where the last one left it
         return self.chunk_pos
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

@@ -260,7 +260,9 @@ class Policy(abc.ABC):
 
     def prepare(self, state: PolicyState | None, n_max: int) -> None:
         """Size fixed state for queries at positions < ``n_max`` (a bound known on the host,
-        so the step itself needs no device-to-host read)."""
+        so the step itself needs no device-to-host read); the bound is kept on the state."""
+        if state is not None:
+            state.n_max = n_max
 
     @abc.abstractmethod
     def select(self, pos: torch.Tensor, t: torch.Tensor, state: PolicyState | None) -> torch.Tensor:
@@ -453,10 +455,6 @@ class TwoPart(Policy):
         c = causal(pos, tt)
         return c, c & (pos > tt - k), k[:, 0], (2 * k >= n)
 
-    def prepare(self, state, n_max):
-        if state is not None:  # bounds k on the host: the top-k's threshold needs no read-back
-            state.n_max = n_max
-
     def select(self, pos, t, state):
         c, recent, k, dense = self._rows(pos, t)
         if dense is True:
@@ -572,7 +570,7 @@ class SWA(TwoPart):
         # The window of query t is [t - k_t, t - 1]; the next query's is [t + 1 - k_{t+1}, t].
         left_now = t - self.half_count(t + 1)
         left_next = t + 1 - self.half_count(t + 2)
-        if t.device.type == "cpu":  # on a GPU the caller sized the ring (prepare): no read-back
+        if state.n_max is None and t.device.type == "cpu":  # else prepare sized the ring: no read-back
             self._grow_ring(state, int(self.half_count(t.max() + 1)) + 1)
         ring, ring_q, S, nz = state.slot["ring"], state.other["ring_q"], state.slot["S"], state.slot["nz"]
         B, R, C = ring.shape

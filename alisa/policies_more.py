@@ -75,7 +75,7 @@ class TOVA(_Evicting):
             return
         # keys the next query attends besides itself; K grows by at most one, so at most one key goes
         k_next = self.full_count(t + 2) - 1
-        top = topk_mask(row, keep, k_next)
+        top = topk_mask(row, keep, k_next, None if state.n_max is None else self.full_count(state.n_max + 1) - 1)
         ev = state.slot["evicted"]
         # Assignment, not |=: with dense rows (prefill="dense") the last prompt row decides what is
         # held; with sparse rows every earlier eviction is outside ``keep``, so the two agree.
@@ -83,11 +83,13 @@ class TOVA(_Evicting):
 
 
 class _SnapState(PolicyState):
-    """SnapKV's state, plus whether the prompt length ``P`` is known yet (a host flag: no device read)."""
+    """SnapKV's state, plus whether the prompt length ``P`` is known yet and whether every row
+    is past its prompt (host flags: no device read)."""
 
     def __init__(self, slot, other, known: bool):
         super().__init__(slot, other)
         self.known = known
+        self.past_prompt = False  # every row has observed its last prompt query: nothing left to compress
 
 
 @register
@@ -170,9 +172,13 @@ class SnapKV(_Evicting):
         real = t >= 0
         window = real & (t >= P - self.window) & (t < P)
         state.slot["S"] += torch.where(window[:, None], row.to(torch.float64), 0.0)
+        if state.past_prompt:  # decode: the window and the compression are behind every row
+            return
         last = real & (t == P - 1)
-        if bool(last.any()):
+        any_last, past = torch.stack([last.any(), (real & (t >= P - 1)).all()]).tolist()  # one read-back
+        if any_last:
             self._compress(state, pos, last)
+        state.past_prompt = bool(past)
 
     def _compress(self, state, pos, rows):
         """After the last prompt query of ``rows`` (B,): evict the prompt keys SnapKV drops."""
@@ -294,15 +300,17 @@ class Quest(Policy):
         page_t = torch.div(t, P, rounding_mode="floor")  # (B, Q, 1); -1 for padding queries
         p = self._pages(t + 1)
         dense = p >= page_t + 1
-        if bool(dense.all()):
-            return c[:, 0] if flat else c
-        if query is None or state is None or "kmax" not in state.other:
+        bounds = query is not None and state is not None and "kmax" in state.other
+        if not bounds:
+            if bool(dense.all()):
+                return c[:, 0] if flat else c
             raise ValueError("policy 'quest' selects with the query and its page bounds: pass query= and the store's state")
         u = self.page_scores(state, query)  # (B, Q, pages)
         B, Q, Np = u.shape
         ids = torch.arange(Np, device=u.device)
         cand = ids < page_t  # earlier pages (complete)
-        top = topk_mask(u.reshape(B * Q, Np), cand.reshape(B * Q, Np), (p - 1).reshape(B * Q)).view(B, Q, Np)
+        k_max = None if state.n_max is None else self._pages(state.n_max) - 1  # no read-back of k
+        top = topk_mask(u.reshape(B * Q, Np), cand.reshape(B * Q, Np), (p - 1).reshape(B * Q), k_max).view(B, Q, Np)
         on = top | (ids == page_t) | dense
         kp = torch.div(pos, P, rounding_mode="floor").clamp(0, Np - 1).expand(B, Q, pos.shape[-1])
         keep = c & on.gather(2, kp)

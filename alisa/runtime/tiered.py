@@ -275,9 +275,10 @@ class Pool:
     def free(self, cols: torch.Tensor, valid: torch.Tensor) -> None:
         """Mark columns ``cols`` (B, m) free where ``valid``; masks only, no read-back."""
         if self.live is not None and cols.numel():
-            c = torch.where(valid, cols, self.capacity).to(self.device)
-            pad = torch.zeros(self.live.shape[0], 1, dtype=torch.bool, device=self.device)
-            self.live = torch.cat([self.live, pad], 1).scatter_(1, c, False)[:, :-1]
+            cap = self.capacity
+            c = torch.where(valid, cols, cap).to(self.device)
+            gone = torch.zeros(self.live.shape[0], cap + 1, dtype=torch.bool, device=self.device).scatter_(1, c, True)
+            self.live &= ~gone[:, :cap]  # in place
 
     def compact(self, extra: int = 0) -> torch.Tensor:
         """Move live columns to the front and resize; returns old->new column (B, used_old), -1 if dead."""
@@ -524,7 +525,7 @@ class TieredStore:
         keep = attend_with_feedback(self.policy, self.state, self.pos, t[:, None], None, select_only=True,
                                     n_max=self.n_max)[1]
         want = keep[:, 0] & (self.tier == HOST)
-        self._ahead = (t, want, self._fetch(want) if bool(want.any()) else None)
+        self._ahead = (t.clone(), want, self._fetch(want) if bool(want.any()) else None)  # t may be updated in place
 
     def _fetched_ahead(self, ahead, t: torch.Tensor, want: torch.Tensor):
         """The fetch :meth:`prefetch` started, if it was for the query at ``t`` and the host

@@ -1,0 +1,73 @@
+"""The replay audit (alisa.runtime.audit): what it detects, and what it finds in the runtime's step."""
+
+import pytest
+import torch
+
+from alisa import attention
+from alisa.policies import available, make_policy
+from alisa.runtime.audit import audit_decode, compare, main, trace_call
+from alisa.runtime.engine import Engine
+from alisa.testing import tiny_model
+
+
+def test_trace_lists_read_backs_and_data_dependent_shapes():
+    x = torch.arange(6.0)
+    trace, _ = trace_call(lambda: (x.sum().item(), bool(x.any()), x.nonzero()))
+    assert len(trace.syncs) == 2  # .item() and bool() (aten names vary: _local_scalar_dense, is_nonzero)
+    assert [o.name for o in trace.dynamic] == ["nonzero"]
+    assert all("test_audit.py" in o.where for o in trace.syncs)
+
+
+def test_compare_tells_state_replaced_from_state_updated_in_place():
+    state = {"s": torch.zeros(4)}
+
+    def replaced():
+        state["s"] = state["s"] + 1  # a replay would read the buffer the capture saw, not this one
+
+    def in_place():
+        state["s"] += 1
+
+    def grows():
+        state["s"] = torch.cat([state["s"], state["s"][:1]])  # shapes change every step
+
+    for step, differs in ((in_place, False), (replaced, True), (grows, True)):
+        a, _ = trace_call(step)
+        b, _ = trace_call(step)
+        n, lines, per_line = compare(a, b)
+        assert (n > 0) == differs, (step.__name__, lines)
+        assert sum(per_line.values()) <= n
+
+
+def test_temporaries_are_named_by_creation_not_address():
+    w = torch.randn(8, 8)
+
+    def step():
+        h = w @ torch.ones(8)  # a new temporary each call, wherever the allocator puts it
+        return torch.relu(h) + 1
+
+    (a, _), (b, _) = trace_call(step), trace_call(step)
+    assert compare(a, b)[0] == 0
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.mark.parametrize("name", [p for p in available() if p != "dense"] + ["dense"])
+def test_runtime_decode_step_reads_nothing_back(llama, name, monkeypatch):
+    """The Phase-I decode step on the reference route (the one CUDA runs) issues no host
+    read-back and no op whose output shape depends on data, for every built-in policy."""
+    monkeypatch.setattr(attention, "ROUTE", "reference")
+    policy = make_policy(name) if name == "dense" else make_policy(name, sparsity=0.8)
+    prefill = "dense" if policy.shares_dense_prefill("dense") else "sparse"
+    ids = torch.randint(2, llama.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    audit = audit_decode(Engine(llama, policy, prefill=prefill), ids, locate=False)
+    assert audit.syncs == [] and audit.dynamic == [], audit.summary()
+    assert audit.ops_per_step > 0 and audit.ops_per_layer == audit.ops_per_step / llama.config.num_hidden_layers
+
+
+def test_cli_bad_policy_is_one_line(capsys):
+    assert main(["--policies", "nope"]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "nope" in out[0]
