@@ -130,7 +130,7 @@ class PolicyState:
         u = cur.shape[-1]
         if (buf is None or buf.data_ptr() != cur.data_ptr() or buf.shape[:-1] != cur.shape[:-1]
                 or buf.shape[-1] < u + m or buf.dtype != cur.dtype):
-            buf = cur.new_empty(*cur.shape[:-1], grow or int((u + m) * self.GROWTH) + 16)
+            buf = cur.new_zeros(*cur.shape[:-1], grow or int((u + m) * self.GROWTH) + 16)  # spare columns stay zero
             buf[..., :u] = cur
             self._spare[name] = buf
             self.slot[name] = buf[..., :u]
@@ -143,12 +143,10 @@ class PolicyState:
             self._room(name, m, cur.shape[-1] + m)
 
     def append(self, m: int) -> None:
-        """Add ``m`` slots (zero state) at the end."""
+        """Add ``m`` slots (zero state) at the end: a longer view of the buffer, whose spare
+        columns are zero (allocated so; nothing but this view ever reaches them)."""
         for name, cur in self.slot.items():
-            u = cur.shape[-1]
-            buf = self._room(name, m)
-            buf[..., u:u + m] = 0
-            self.slot[name] = buf[..., :u + m]
+            self.slot[name] = self._room(name, m)[..., :cur.shape[-1] + m]
 
     def gather(self, idx: torch.Tensor) -> None:
         """Keep the slots ``idx`` (B, m), in that order (compaction)."""
