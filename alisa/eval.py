@@ -280,6 +280,11 @@ class ThroughputRunner:
             raise ConfigError(f"throughput.prefill={tc.prefill!r} is invalid: allowed are {', '.join(PREFILL_MODES)} or null")
         if tc.plan not in ("none", "auto"):
             raise ConfigError(f"throughput.plan={tc.plan!r} is invalid: allowed are none, auto")
+        if not isinstance(tc.static, bool):
+            raise ConfigError(f"throughput.static={tc.static!r} is invalid: allowed are true, false")
+        if tc.static and (tc.plan != "none" or tc.int8):
+            raise ConfigError(f"throughput.static=true needs every token on the device and no INT8 (got plan={tc.plan}, "
+                              f"int8={tc.int8}): allowed is plan=none with int8=false")
         if not 0 <= tc.flexgen_fraction <= 1:
             raise ConfigError(f"throughput.flexgen_fraction={tc.flexgen_fraction!r} is invalid: allowed is a fraction in [0, 1]")
         context = model_context(cfg.model)
@@ -348,6 +353,8 @@ class ThroughputRunner:
         ident = {"system": system, "batch": batch, "prompt": tc.prompt, "new_tokens": tc.new_tokens,
                  "prefill_mode": tc.prefill or cfg.grid.prefill, "int8": tc.int8, "plan": tc.plan,
                  "device_budget": tc.device_budget, "host_budget": tc.host_budget}
+        if system == "engine" and tc.static:  # only when set: earlier records keep their identity
+            ident["static"] = True
         if system == "flexgen":
             ident["flexgen_fraction"] = tc.flexgen_fraction
         return ident
@@ -383,7 +390,7 @@ class ThroughputRunner:
                 pred = predict(prof, model.config, dtype, pol, wl, Plan(), tc.device_budget, tc.host_budget)
         rec = measure(model, system, ids, tc.new_tokens, policy=pol, prefill=prefill, int8=tc.int8, plan=plan,
                       flexgen_fraction=tc.flexgen_fraction, device_budget=tc.device_budget, host_budget=tc.host_budget,
-                      prefilled=_PREFILLS.get(key) if shareable else None)
+                      prefilled=_PREFILLS.get(key) if shareable else None, static=system == "engine" and tc.static)
         if pred is not None:
             rec["predicted"] = pred.to_dict()
             if rec.get("decode_s") is not None:

@@ -261,22 +261,34 @@ class Quest(Policy):
         """Fold appended keys (B, H_kv, Q, D) at positions ``pos`` (B, Q; -1 padding) into the page bounds."""
         B, H, Q, D = key.shape
         state.cols += Q
-        need = -(-state.cols // self.page_size)  # real positions are < the columns appended
-        kmax = state.other.get("kmax")
-        if kmax is None or kmax.shape[2] - 1 < need:
-            cap = need if kmax is None else max(need, int(1.5 * (kmax.shape[2] - 1)) + 4)
-            grown = {"kmin": key.new_full((B, H, cap + 1, D), float("inf"), dtype=torch.float32),
-                     "kmax": key.new_full((B, H, cap + 1, D), float("-inf"), dtype=torch.float32)}
-            if kmax is not None:
-                old = kmax.shape[2] - 1
-                for name, buf in grown.items():
-                    buf[:, :, :old] = state.other[name][:, :, :old]
-            state.other.update(grown)
+        self._grow(state, -(-state.cols // self.page_size), key)  # real positions are < the columns appended
         dump = state.other["kmax"].shape[2] - 1
         page = torch.where(pos >= 0, torch.div(pos, self.page_size, rounding_mode="floor"), dump)
         idx = page[:, None, :, None].expand(B, H, Q, D)
         state.other["kmax"].scatter_reduce_(2, idx, key.float(), reduce="amax")
         state.other["kmin"].scatter_reduce_(2, idx, key.float(), reduce="amin")
+
+    def prepare(self, state, n_max):
+        """Also size the page bounds for every position < ``n_max`` now (no re-allocation later)."""
+        super().prepare(state, n_max)
+        if state is not None and "kmax" in state.other:
+            self._grow(state, -(-n_max // self.page_size), state.other["kmax"])
+
+    @staticmethod
+    def _grow(state: _PageState, need: int, like: torch.Tensor) -> None:
+        """Room for ``need`` pages (plus the dump page) in the bounds, keeping those known."""
+        kmax = state.other.get("kmax")
+        if kmax is not None and kmax.shape[2] - 1 >= need:
+            return
+        B, H, D = like.shape[0], like.shape[1], like.shape[-1]
+        cap = need if kmax is None else max(need, int(1.5 * (kmax.shape[2] - 1)) + 4)
+        grown = {"kmin": like.new_full((B, H, cap + 1, D), float("inf"), dtype=torch.float32),
+                 "kmax": like.new_full((B, H, cap + 1, D), float("-inf"), dtype=torch.float32)}
+        if kmax is not None:
+            old = kmax.shape[2] - 1
+            for name, buf in grown.items():
+                buf[:, :, :old] = state.other[name][:, :, :old]
+        state.other.update(grown)
 
     def page_scores(self, state: _PageState, query: torch.Tensor) -> torch.Tensor:
         """U (B, Q, pages) of query (B, H_q, Q, D) against every page's bounds, summed over query heads.

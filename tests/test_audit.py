@@ -67,6 +67,20 @@ def test_runtime_decode_step_reads_nothing_back(llama, name, monkeypatch):
     assert audit.ops_per_step > 0 and audit.ops_per_layer == audit.ops_per_step / llama.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("name", available())
+def test_static_decode_step_is_replayable(llama, name, monkeypatch):
+    """Engine(static=True): two consecutive decode steps issue the same ops with the same
+    arguments on the same persistent buffers, with no read-back: what a CUDA graph replays."""
+    monkeypatch.setattr(attention, "ROUTE", "reference")
+    policy = make_policy(name) if name == "dense" else make_policy(name, sparsity=0.8)
+    ids = torch.randint(2, llama.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    for prefill in ("sparse", "dense"):
+        audit = audit_decode(Engine(llama, policy, prefill=prefill, static=True), ids)
+        assert audit.replayable, audit.summary()
+        eager = audit_decode(Engine(llama, policy, prefill=prefill), ids, locate=False)
+        assert eager.n_differences > 0  # the eager step grows its slots: the audit tells the two apart
+
+
 def test_cli_bad_policy_is_one_line(capsys):
     assert main(["--policies", "nope"]) == 2
     out = capsys.readouterr().out.strip().splitlines()

@@ -31,7 +31,7 @@ def test_dry_run_writes_every_record_and_every_target(tmp_path):
     d = json.loads(out.read_text())
     assert d["dry"] is True and d["note"] == "dry run: figures are not GPU figures"
     engine = ["engine dense", "engine h2o@0.8", "engine swa@0.8"]
-    expected = ([f"b2 {s}" for s in ["stock", "hf_static", "hf_offloaded", "flexgen", *engine]]
+    expected = ([f"b2 {s}" for s in ["stock", "hf_static", "hf_offloaded", "flexgen", *engine, *(e + " static" for e in engine)]]
                 + [f"b3 {s}" for s in ["stock", "hf_static", *engine]]  # hf_static here and hf_offloaded at b2: --extra
                 + [f"b3-budget {s}" for s in ["hf_offloaded", "flexgen", *engine]])
     assert sorted(d["records"]) == sorted(expected)
@@ -42,6 +42,8 @@ def test_dry_run_writes_every_record_and_every_target(tmp_path):
         else:
             assert rec["status"] == "ok", (key, rec)
             assert rec["step_s_mean"] > 0 and rec["throughput_tok_s"] > 0, key
+    for e in engine:  # the fixed-shape step: no CUDA graphs on the CPU, and the record says so
+        assert d["records"][f"b2 {e} static"]["graph"] == "eager (no CUDA graphs on the CPU)"
     static = d["records"]["b2 hf_static"]
     assert static["compiled"] is False and "not compiled" in static["compile_reason"] and static["prefill_shared"] is True
     # under the budget the plan comes from the cost model's search with this run's profile, and dense offloads

@@ -28,11 +28,37 @@ def test_engine_tokens_equal_core_decode(family_model, policy, kw, prefill):
     ids, mask = padded_batch(24)
     ref = core_generate(family_model, ids, mask, policy, prefill, kw)
     got = Engine(family_model, policy, prefill=prefill, **kw).generate(ids, mask, NEW).tokens
+    static = Engine(family_model, policy, prefill=prefill, static=True, **kw).generate(ids, mask, NEW)
+    assert torch.equal(static.tokens, got) and static.extra["graph"].startswith("eager")  # the fixed-shape step
     # generate stops a row at its end-of-sequence token and pads it; the engine decodes on
     eos = family_model.generation_config.eos_token_id
     is_eos = torch.isin(ref, torch.tensor(eos if isinstance(eos, list) else [eos if eos is not None else -1]))
     done = torch.cumsum(torch.cat([torch.zeros_like(ref[:, :1]), is_eos[:, :-1].long()], 1), 1) > 0
     assert torch.equal(got.masked_fill(done, -1), ref.masked_fill(done, -1))
+
+
+@pytest.mark.parametrize("policy,kw", POLICIES, ids=[p for p, _ in POLICIES])
+def test_static_step_equals_eager_on_the_reference_route(policy, kw, monkeypatch):
+    """The fixed-shape step (every slot and column made ready, device-side write indices) on the
+    route CUDA runs: the eager step's tokens, logits within float rounding (sums over more columns)."""
+    from alisa import attention
+
+    monkeypatch.setattr(attention, "ROUTE", "reference")
+    model = tiny_model("llama")
+    ids, mask = padded_batch(24)
+    for prefill in ("sparse", "dense"):
+        ref = Engine(model, policy, prefill=prefill, **kw).generate(ids, mask, NEW, keep_logits=True)
+        got = Engine(model, policy, prefill=prefill, static=True, **kw).generate(ids, mask, NEW, keep_logits=True)
+        assert torch.equal(got.tokens, ref.tokens)
+        torch.testing.assert_close(got.extra["logits"], ref.extra["logits"], atol=1e-5, rtol=0)
+        assert got.kv["device"] == ref.kv["device"]  # the same live tokens, measured the same way
+
+
+@pytest.mark.parametrize("bad", [dict(int8=True), dict(plan=Plan(alpha=0.5, p1=0))], ids=["int8", "offload"])
+def test_static_needs_a_device_only_plan(bad):
+    with pytest.raises(ValueError, match=r"static=True needs a Phase I plan without INT8") as e:
+        Engine(tiny_model("llama"), "swa", sparsity=0.5, static=True, **bad)
+    assert "\n" not in str(e.value)
 
 
 PLANS = [Plan(alpha=0.5, p1=2), Plan(alpha=1.0, p1=0), Plan(alpha=0.7, beta=0.5, p1=1, p2=4), Plan(alpha=1.0, beta=1.0, p1=0, p2=0),

@@ -50,6 +50,15 @@ def test_throughput_sweep_records_every_figure_and_baselines_once(tmp_path):
     assert "engine" in (run / "summary.txt").read_text()
 
 
+def test_static_engine_point_says_how_it_ran(tmp_path):
+    cfg = compose_cfg(["+experiment=throughput_quick", "grid.policies=[swa]", "throughput.batches=[2]",
+                       "throughput.systems=[engine]", "throughput.static=true", f"results_dir={tmp_path}", *SMALL])
+    (rec,) = records(run_experiment(cfg)).values()
+    t = rec["throughput"]
+    assert t["status"] == "ok" and t["graph"] == "eager (no CUDA graphs on the CPU)"
+    assert '"static": true' in json.dumps(rec)
+
+
 def test_out_of_memory_point_is_recorded_and_the_sweep_goes_on(tmp_path):
     # SmolLM2, batch 1: Phase I holds 36 tokens x 46,080 B (1.66 MB) at the end; the local window
     # every plan keeps on the device is 19 tokens (0.88 MB). 1.2 MB: a plan could fit, Phase I does not.
@@ -123,6 +132,7 @@ def test_pareto_front_keeps_only_non_dominated_points():
     ("throughput.systems=[warp]", "unknown throughput system 'warp': allowed are stock, hf_offloaded, hf_static, flexgen, engine"),
     ("throughput.plan=auto throughput.profile=/nonexistent.json", "throughput.profile='/nonexistent.json' does not exist"),
     ("throughput.batches=[0]", "throughput.batches entry 0 is invalid: allowed is an integer >= 1"),
+    ("throughput.static=true throughput.int8=true", "throughput.static=true needs every token on the device and no INT8"),
 ])
 def test_bad_throughput_input_is_one_line(tmp_path, override, needle):
     out = subprocess.run([sys.executable, "-m", "alisa.eval", "+experiment=throughput_quick", *override.split(),

@@ -170,7 +170,7 @@ def audit_decode(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     traces: list[Trace] = []
     real = E.greedy_steps
 
-    def traced(model, tok, mask, cache, new_tokens, before=None, keep_logits=False):
+    def traced(model, tok, mask, cache, new_tokens, before=None, keep_logits=False, **kw):
         step = [0]
 
         def model_traced(**kw):
@@ -181,7 +181,7 @@ def audit_decode(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             traces.append(trace)
             return out
 
-        return real(model_traced, tok, mask, cache, new_tokens, before, keep_logits)
+        return real(model_traced, tok, mask, cache, new_tokens, before, keep_logits, **kw)
 
     E.greedy_steps = traced
     try:

@@ -65,7 +65,8 @@ class TieredCache(AlisaCache):
             def recompute(x, positions):
                 return kv_from_inputs(self.model, layer_idx, x, positions)
 
-            out = ts.attend(query, chunk.q_pos[:, 0], scale, recompute, stats, layer_idx, n_max=self.layers[layer_idx].store.seen)
+            n_max = ts.n_max if ts.static else self.layers[layer_idx].store.seen  # static: one bound for every step
+            out = ts.attend(query, chunk.q_pos[:, 0], scale, recompute, stats, layer_idx, n_max=n_max)
             ts.evict(self.policy.retain(ts.pos, chunk.t_next, ts.state))
         ts.schedule(self.plan, self.step, chunk.t_next)
         if self.prefetch:  # the next layer's query in this step, or layer 0's in the next one (if there is one)
@@ -91,6 +92,12 @@ class TieredCache(AlisaCache):
         keep = self.policy.retain(q_pos, self.n_real, None)
         for l, (k, v) in enumerate(kv):
             self._adopt(l, k, v, torch.where(keep, q_pos, -1), None).schedule(self.plan, self.step, self.n_real)
+
+    def make_static(self) -> None:
+        """Fix the shapes of every layer's decode step for the tokens still to decode
+        (:meth:`TieredStore.make_static`)."""
+        for ts in self.tiered:
+            ts.make_static(self.reserve)
 
     def kv_bytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -173,20 +180,32 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_steps(model, tok: torch.Tensor, mask: torch.Tensor, cache, new_tokens: int, before=None,
-                 keep_logits: bool = False) -> tuple[list[torch.Tensor], list[float], list[torch.Tensor]]:
+                 keep_logits: bool = False, static: bool = False) -> tuple[list[torch.Tensor], list[float], list[torch.Tensor]]:
     """The loop greedy ``generate`` runs after the prompt: one token per forward, each timed.
 
     ``tok`` (B,) is the token the prompt produced; ``before(j)`` runs ahead of forward ``j``
     (untimed). Returns the tokens (``tok`` first), the per-step seconds and, with
-    ``keep_logits``, each step's last-position logits."""
+    ``keep_logits``, each step's last-position logits.
+
+    ``static``: every forward gets the same input buffers, updated in place (the token, its
+    position, a one-column padding mask: decode tokens are real), as a captured graph needs;
+    the model must not build a mask from the whole history (alisa's attention does not)."""
     dev = mask.device
     tokens, steps, logits = [tok], [], []
+    if static:
+        ids, pos, ones = tok[:, None].clone(), position_ids(mask)[:, -1:].clone(), mask.new_ones(mask.shape[0], 1)
     for j in range(1, new_tokens):
         if before is not None:
             before(j)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        if static:
+            ids.copy_(tok[:, None])
+            pos += 1
+            inputs = dict(input_ids=ids, attention_mask=ones, position_ids=pos)
+        else:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            inputs = dict(input_ids=tok[:, None], attention_mask=mask, position_ids=position_ids(mask)[:, -1:])
         t0 = time.perf_counter()
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=position_ids(mask)[:, -1:], cache=cache, use_cache=True)
+        out = model(**inputs, cache=cache, use_cache=True)
         tok = out.logits[:, -1].argmax(-1)
         _sync(dev)
         steps.append(time.perf_counter() - t0)
@@ -194,6 +213,44 @@ def greedy_steps(model, tok: torch.Tensor, mask: torch.Tensor, cache, new_tokens
         if keep_logits:
             logits.append(out.logits[:, -1].float())
     return tokens, steps, logits
+
+
+class Replayed:
+    """A decode forward captured once as a CUDA graph, then replayed (``greedy_steps(static=True)``
+    passes the same input buffers every call, and a static cache keeps every shape and buffer).
+
+    The first ``warmup`` calls run eagerly (real steps: they also initialise what a capture may
+    not, e.g. the BLAS handles); the next one is captured, which runs no kernel, and then
+    replayed once to compute it. If the capture fails, ``error`` says why and every later step
+    runs eagerly (the failed capture ran nothing, so the step is simply run again)."""
+
+    def __init__(self, model, warmup: int = 2):
+        self.model, self.warmup = model, warmup
+        self.graph = self.out = self.error = None
+
+    @property
+    def status(self) -> str:
+        if self.graph is not None:
+            return "captured"
+        return f"eager (capture failed: {self.error})" if self.error else "eager (not captured yet)"
+
+    def __call__(self, **inputs):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        if self.warmup > 0 or self.error is not None:
+            self.warmup -= 1
+            return self.model(**inputs)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = self.model(**inputs)
+        except Exception as e:  # noqa: BLE001 - reported in the record; the step runs eagerly instead
+            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            return self.model(**inputs)
+        self.graph, self.out = graph, out
+        graph.replay()
+        return out
 
 
 def shares_dense_prefill(policy: Policy, prefill: str) -> bool:
@@ -247,17 +304,26 @@ class Engine:
         Fetch each layer's selected host keys while the layer before it computes (exact: a
         fetch ahead that differs from the step's selection is redone). Default: on a CUDA
         device, where the copy overlaps compute; on the CPU it only reorders work.
+    static : bool
+        Decode with fixed shapes (:meth:`TieredStore.make_static`, ``greedy_steps(static=True)``):
+        every step issues the same ops on the same buffers, with no host read-back, so that a
+        CUDA graph can replay it (``python -m alisa.runtime.audit`` checks that on any device).
+        Phase I plans without INT8 only; the tokens are the eager step's.
     """
 
     def __init__(self, model, policy: Policy | str = "dense", *, prefill: str = "dense", plan: Plan | None = None,
                  int8: bool = False, device_budget: int | None = None, host_budget: int | None = None,
-                 prefetch: bool | None = None, **policy_kwargs):
+                 prefetch: bool | None = None, static: bool = False, **policy_kwargs):
         self.model = model
         self.policy = make_policy(policy, **policy_kwargs) if isinstance(policy, str) else policy
         self.prefill, self.plan, self.int8 = prefill, plan or Plan(), int8
         self.budgets = (device_budget, host_budget)
         self.device = next(model.parameters()).device
         self.prefetch = self.device.type == "cuda" if prefetch is None else bool(prefetch)
+        self.static = bool(static)
+        if self.static and (int8 or self.plan.phase(10 ** 9) != 1):
+            raise ValueError(f"static=True needs a Phase I plan without INT8 KV (got plan={self.plan!r}, int8={int8!r}): "
+                             "allowed is Plan() with int8=False")
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
@@ -306,14 +372,23 @@ class Engine:
                     phases.append(self.plan.phase(j - 1))
                     cache.step = j
 
-                tokens, steps, logits = greedy_steps(model, last.argmax(-1), mask, cache, max_new_tokens, before, keep_logits)
+                step, extra = model, {}
+                if self.static:
+                    cache.make_static()
+                    step = Replayed(model) if dev.type == "cuda" else model
+                tokens, steps, logits = greedy_steps(step, last.argmax(-1), mask, cache, max_new_tokens, before, keep_logits,
+                                                     static=self.static)
+                if self.static:
+                    extra["graph"] = step.status if isinstance(step, Replayed) else "eager (no CUDA graphs on the CPU)"
+                if keep_logits:
+                    extra["logits"] = torch.stack([last.float(), *logits], 1)
                 self._track(peak, cache.kv_bytes())
                 return Generation(
                     tokens=torch.stack(tokens, 1), prefill_s=prefill_s, step_s=steps, kv=peak, tiers=tiers, phases=phases,
                     traffic=cache.traffic(), kept_fraction=ctl.kept_fraction()["overall"],
                     peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                     peak_cuda_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-                    extra={"logits": torch.stack([last.float(), *logits], 1)} if keep_logits else {})
+                    extra=extra)
 
     def check_budget(self, batch: int, prompt: int, new_tokens: int) -> None:
         """ValueError (one line, naming the value and the minimum) when the device budget is below

@@ -243,6 +243,18 @@ class Pool:
         cols = torch.arange(u, u + m, device=valid.device).expand(B, m)
         return torch.where(valid, cols, -1), remap
 
+    def write_at(self, data: dict[str, torch.Tensor], valid: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """:meth:`write` of one token per row (data (B, H, 1, D), valid (B, 1)) at column ``at``
+        (a (1,) long tensor on the device, advanced by one here): no host index, no compaction
+        (the caller made room, :meth:`TieredStore.make_static`). Returns the columns (B, 1)."""
+        for k, v in self._encode(data).items():
+            self.buf[k].index_copy_(2, at, v)
+        self.live.index_copy_(1, at, valid)
+        cols = torch.where(valid, at, -1)
+        at += 1
+        self.used += 1  # host bookkeeping only: a replayed step does not advance it
+        return cols
+
     def _zeros(self, like: torch.Tensor, cap: int) -> torch.Tensor:
         """A zeroed buffer (B, H, cap, D) like ``like``; zero, not empty: attention multiplies
         unwritten columns by 0."""
@@ -315,7 +327,7 @@ class Pool:
         if not self.buf:
             return 0
         per_col = sum(v.shape[1] * v.shape[3] * v.element_size() for v in self.buf.values())  # one row, one column
-        return int(self.live[:, :self.used].sum()) * per_col
+        return int(self.live.sum()) * per_col  # columns past ``used`` are never live
 
 
 class TieredStore:
@@ -338,6 +350,7 @@ class TieredStore:
         self.state: PolicyState | None = None
         self.traffic = Traffic()
         self._gone = False  # whether any token was ever deleted (skips the recompute part otherwise)
+        self._at: torch.Tensor | None = None  # static: the logical slot the next token takes (make_static)
 
     pos = property(lambda self: self.slots.slot.get("pos"), lambda self, v: self.slots.slot.__setitem__("pos", v))
     tier = property(lambda self: self.slots.slot.get("tier"), lambda self, v: self.slots.slot.__setitem__("tier", v))
@@ -376,6 +389,30 @@ class TieredStore:
             self._write_x(xv, live)
         self.slots.reserve(self.dev.reserve)
 
+    @property
+    def static(self) -> bool:
+        return self._at is not None
+
+    def make_static(self, new_tokens: int) -> None:
+        """Fix every shape of the decode step for ``new_tokens`` more tokens (the step a CUDA graph
+        can capture and replay): compact the slots and the device pool once, then give both room
+        for all of them now (empty slots: position -1, zero policy state). From then on
+        :meth:`append` writes at device-side indices and :meth:`evict` never compacts, so every
+        step issues the same ops on the same buffers. Phase I only (nothing on the host), no INT8."""
+        if self.host.used or self._gone or self.dev.int8 or self.xs.used:
+            raise ValueError("a static decode step needs every token on the device (a Phase I plan) and no INT8 KV")
+        self._compact(self.pos >= 0)
+        self.loc = _remap(self.loc, self.tier == DEVICE, self.dev.compact(extra=new_tokens))
+        C = self.used
+        for slots in (self.slots, self.state):
+            if slots is not None:
+                slots.append(new_tokens)
+        for name in ("pos", "loc", "xloc"):
+            self.slots.slot[name][:, C:] = -1
+        dev = self.pos.device
+        self._at = torch.full((1,), C, dtype=torch.long, device=dev)
+        self._col_at = torch.full((1,), self.dev.used, dtype=torch.long, device=self.dev.device)  # its column
+
     def _write_x(self, xv: torch.Tensor, valid: torch.Tensor) -> None:
         """xv (B, m, hidden) for new logical slots (the last m) -> host x pool (a real copy)."""
         data = {"x": xv[:, None]}
@@ -387,13 +424,19 @@ class TieredStore:
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, x: torch.Tensor | None) -> None:
         """One decode token per row: k, v (B, H, 1, D), pos (B, 1), x (B, 1, hidden) or None."""
         valid = pos >= 0
+        if getattr(self.policy, "needs_qk", False):  # quest: page bounds of the new keys [issue 12 hook]
+            self.policy.observe_keys(self.state, k, pos)
+        if self.static:  # the slot and the column were made ready: write them in place
+            cols = self.dev.write_at({"k": k, "v": v}, valid, self._col_at)
+            self.pos.index_copy_(1, self._at, pos)
+            self.loc.index_copy_(1, self._at, cols)
+            self._at += 1
+            return
         cols, remap = self.dev.write({"k": k, "v": v}, valid)
         self.loc = _remap(self.loc, self.tier == DEVICE, remap)
         for slots in (self.slots, self.state):
             if slots is not None:
                 slots.append(1)  # zeros: tier DEVICE, empty policy state
-        if getattr(self.policy, "needs_qk", False):  # quest: page bounds of the new keys [issue 12 hook]
-            self.policy.observe_keys(self.state, k, pos)
         self.pos[:, -1:] = pos
         self.loc[:, -1:] = cols
         self.xloc[:, -1:] = -1
@@ -413,7 +456,7 @@ class TieredStore:
         self.xs.free(self.xloc, gone & (self.xloc >= 0))
         self.pos.masked_fill_(gone, -1)  # in place: the slot buffers keep their spare capacity
         self._evictions += 1
-        if self._evictions % self.COMPACT_EVERY == 1:
+        if not self.static and self._evictions % self.COMPACT_EVERY == 1:
             self._compact_pools()
             live = self.pos >= 0
             if 2 * int(live.sum(1).max()) < self.used:
