@@ -6,7 +6,8 @@
 SmolLM2-135M (fp32) on this machine's device tier. Measures, in the same process: the copy
 bandwidth and matmul rate (the rooflines), one shared dense prefill (the stock forward),
 stock decode with transformers' default cache, the engine's dense decode, swa at sparsity 0
-(the swa code path), swa@0.8 and h2o@0.8 (sparse prefill, which is what lets them hold less)
+(the swa code path), swa@0.8 and h2o@0.8 (sparse prefill, which is what lets them hold less),
+swa@0.8 and dense with the fixed-shape step (``static=True``: what a GPU captures; here eager),
 and the engine's dense decode again (two cores drift by ~10% over a run: the ratios use the
 mean of the first and the last dense step), and prints each target with its measured ratio.
 Writes results/bench_runtime/<tag>.json (with every decode step's time).
@@ -71,6 +72,8 @@ def main() -> int:
                      ("swa@0 (dense prefill)", dict(system="engine", policy="swa", sparsity=0.0, prefill="dense")),
                      ("swa@0.8 (sparse prefill)", dict(system="engine", policy="swa", sparsity=0.8, prefill="sparse")),
                      ("h2o@0.8 (sparse prefill)", dict(system="engine", policy="h2o", sparsity=0.8, prefill="sparse")),
+                     ("swa@0.8 static", dict(system="engine", policy="swa", sparsity=0.8, prefill="sparse", static=True)),
+                     ("engine dense static", dict(system="engine", policy="dense", static=True)),
                      ("engine dense (again)", dict(system="engine", policy="dense"))]:  # the machine drifts: dense first and last
         t0 = time.perf_counter()
         r = run_point(model, ids=ids, new_tokens=a.new, prefilled=pf, **kw)
@@ -99,6 +102,9 @@ def main() -> int:
         ("swa@0.8 sparse prefill <= 1.5x dense prefill", swa8["prefill_s"] / pf.seconds, 1.5),
         ("h2o@0.8 sparse prefill <= 1.5x dense prefill", h2o8["prefill_s"] / pf.seconds, 1.5),
         ("swa@0.8 peak KV <= 0.30x dense", swa8["kv_bytes_peak"]["device"] / kv_dense, 0.30),
+        # the fixed-shape (capturable) step must not be slower than the eager one (5%: this machine's drift)
+        ("engine dense static step <= 1.05x eager", rows["engine dense static"]["step_s_mean"] / dense["step_s_mean"], 1.05),
+        ("swa@0.8 static step <= 1.05x eager", rows["swa@0.8 static"]["step_s_mean"] / swa8["step_s_mean"], 1.05),
         ("prefill <= 2.5x FLOP roofline", pf.seconds / prefill_roof, 2.5),
     ]
     print(f"\nbytes roofline of a dense step: {roof * 1e3:.1f} ms (weights {weight_bytes / 1e9:.3f} GB + KV {kv_dense / 1e9:.3f} GB at {bw / 1e9:.1f} GB/s)")
