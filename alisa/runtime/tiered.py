@@ -292,14 +292,18 @@ class Pool:
             gone = torch.zeros(self.live.shape[0], cap + 1, dtype=torch.bool, device=self.device).scatter_(1, c, True)
             self.live &= ~gone[:, :cap]  # in place
 
-    def compact(self, extra: int = 0) -> torch.Tensor:
-        """Move live columns to the front and resize; returns old->new column (B, used_old), -1 if dead."""
+    def compact(self, extra: int = 0, exact: bool = False) -> torch.Tensor:
+        """Move live columns to the front and resize (``exact``: to exactly ``extra`` more columns,
+        no slack: the reference route attends every column); returns old->new column (B, used_old),
+        -1 if dead."""
         u = self.used
         live = self.live[:, :u]
         idx, valid = rows_of(live)
         keep = idx.shape[1]
         cap, need = self.capacity, keep + extra
-        if cap == 0:
+        if exact:
+            cap = need
+        elif cap == 0:
             cap = need + self.reserve
         elif need > cap or cap > 2 * need + 16:
             cap = int(need * self.GROWTH) + 16
@@ -402,7 +406,7 @@ class TieredStore:
         if self.host.used or self._gone or self.dev.int8 or self.xs.used:
             raise ValueError("a static decode step needs every token on the device (a Phase I plan) and no INT8 KV")
         self._compact(self.pos >= 0)
-        self.loc = _remap(self.loc, self.tier == DEVICE, self.dev.compact(extra=new_tokens))
+        self.loc = _remap(self.loc, self.tier == DEVICE, self.dev.compact(extra=new_tokens, exact=True))
         C = self.used
         for slots in (self.slots, self.state):
             if slots is not None:
