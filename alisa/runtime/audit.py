@@ -77,8 +77,8 @@ class StepTrace(TorchDispatchMode):
         super().__init__()
         self.trace = Trace()
         self.locate = locate
-        self._temps: dict[int, int] = {}  # storage address -> index of the temporary created at it
-        self._n = 0
+        self._temps: dict[int, int] = {}  # storage address -> index of the temporary created there
+        self._n = 0  # temporaries created so far
 
     def _sig(self, x):
         if isinstance(x, torch.Tensor):
@@ -103,7 +103,7 @@ class StepTrace(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 st = t.untyped_storage().data_ptr()
                 if not any(isinstance(a, torch.Tensor) and a.layout == torch.strided
-                           and a.untyped_storage().data_ptr() == st for a in _flat(args)):
+                           and a.untyped_storage().data_ptr() == st for a in _flat((args, tuple(kwargs.values())))):
                     self._temps[st] = self._n  # a new buffer (not a view or in-place result of an input)
                     self._n += 1
         self.trace.ops.append(op)

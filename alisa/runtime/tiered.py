@@ -355,6 +355,7 @@ class TieredStore:
         self.traffic = Traffic()
         self._gone = False  # whether any token was ever deleted (skips the recompute part otherwise)
         self._at: torch.Tensor | None = None  # static: the logical slot the next token takes (make_static)
+        self._col_at: torch.Tensor | None = None  # static: its column in the device pool
 
     pos = property(lambda self: self.slots.slot.get("pos"), lambda self, v: self.slots.slot.__setitem__("pos", v))
     tier = property(lambda self: self.slots.slot.get("tier"), lambda self, v: self.slots.slot.__setitem__("tier", v))
@@ -413,9 +414,8 @@ class TieredStore:
                 slots.append(new_tokens)
         for name in ("pos", "loc", "xloc"):
             self.slots.slot[name][:, C:] = -1
-        dev = self.pos.device
-        self._at = torch.full((1,), C, dtype=torch.long, device=dev)
-        self._col_at = torch.full((1,), self.dev.used, dtype=torch.long, device=self.dev.device)  # its column
+        self._at = torch.full((1,), C, dtype=torch.long, device=self.pos.device)
+        self._col_at = torch.full((1,), self.dev.used, dtype=torch.long, device=self.dev.device)
 
     def _write_x(self, xv: torch.Tensor, valid: torch.Tensor) -> None:
         """xv (B, m, hidden) for new logical slots (the last m) -> host x pool (a real copy)."""
