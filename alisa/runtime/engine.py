@@ -211,7 +211,7 @@ def greedy_steps(model, tok: torch.Tensor, mask: torch.Tensor, cache, new_tokens
         steps.append(time.perf_counter() - t0)
         tokens.append(tok)
         if keep_logits:
-            logits.append(out.logits[:, -1].float())
+            logits.append(out.logits[:, -1].to(torch.float32, copy=True))  # a replayed graph reuses its output buffer
     return tokens, steps, logits
 
 
