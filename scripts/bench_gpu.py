@@ -148,6 +148,16 @@ def measure_one(model, system, ids, new, **kw) -> dict:
     return r
 
 
+def audit_step(engine, ids) -> str:
+    """``alisa.runtime.audit`` of the engine's decode step on a short prompt, in one line (or why it failed)."""
+    from alisa.runtime.audit import audit_decode
+
+    try:
+        return " | ".join(audit_decode(engine, ids).summary(lines=4).splitlines())
+    except Exception as e:  # noqa: BLE001 - a diagnosis, not a measurement: record it and go on
+        return f"audit failed: {_first_line(e)}"
+
+
 def flexgen_fraction(prof, config, dtype: str, wl, budget: int | None) -> tuple[float, str]:
     """FlexGen-style static offload: half the KV on the host, or the smallest fraction (grid of 0.05) that the
     cost model's residency says fits ``budget``."""
@@ -380,8 +390,12 @@ def _run(a, argv) -> int:
                     r["predicted_vs_measured_decode"] = pred.total_s / r["decode_s"]
         if budget is None and B == a.batch:  # the fixed-shape step, captured as a CUDA graph (targets (a), (b))
             for label, pol_name, sp, prefill in ENGINE:
-                run(f"{tag} {label} static", "engine", ids, new, policy=make_policy(pol_name, sparsity=sp), prefill=prefill,
-                    prefilled=pf, static=True)
+                pol = make_policy(pol_name, sparsity=sp)
+                run(f"{tag} {label} static", "engine", ids, new, policy=pol, prefill=prefill, prefilled=pf, static=True)
+                r = rec.get(f"{tag} {label} static")
+                if r is not None and r.get("graph") != "captured":  # say why, on this device, for the next try
+                    r["audit"] = audit_step(Engine(model, pol, prefill=prefill, static=True), ids[:2, :16])
+                    print(f"  audit of that step: {r['audit']}", flush=True)
         del pf
 
     # Untimed: each engine policy once on a short prompt (first-use costs: kernel choices, the CPU route's JIT)

@@ -43,7 +43,9 @@ def test_dry_run_writes_every_record_and_every_target(tmp_path):
             assert rec["status"] == "ok", (key, rec)
             assert rec["step_s_mean"] > 0 and rec["throughput_tok_s"] > 0, key
     for e in engine:  # the fixed-shape step: no CUDA graphs on the CPU, and the record says so
-        assert d["records"][f"b2 {e} static"]["graph"] == "eager (no CUDA graphs on the CPU)"
+        rec = d["records"][f"b2 {e} static"]
+        assert rec["graph"] == "eager (no CUDA graphs on the CPU)"
+        assert "0 host read-backs, 0 data-dependent shapes, 0 ops differ between two steps" in rec["audit"], rec["audit"]
     static = d["records"]["b2 hf_static"]
     assert static["compiled"] is False and "not compiled" in static["compile_reason"] and static["prefill_shared"] is True
     # under the budget the plan comes from the cost model's search with this run's profile, and dense offloads
