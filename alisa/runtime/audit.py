@@ -65,8 +65,16 @@ class Op:
 @dataclass
 class Trace:
     ops: list[Op] = field(default_factory=list)
-    syncs: list[Op] = field(default_factory=list)
-    dynamic: list[Op] = field(default_factory=list)
+
+    @property
+    def syncs(self) -> list[Op]:
+        """The host read-backs."""
+        return [o for o in self.ops if o.name in SYNC_OPS]
+
+    @property
+    def dynamic(self) -> list[Op]:
+        """The ops whose output shape depends on data."""
+        return [o for o in self.ops if o.name in DYNAMIC_SHAPE_OPS]
 
 
 class StepTrace(TorchDispatchMode):
@@ -107,10 +115,6 @@ class StepTrace(TorchDispatchMode):
                     self._temps[st] = self._n  # a new buffer (not a view or in-place result of an input)
                     self._n += 1
         self.trace.ops.append(op)
-        if name in SYNC_OPS:
-            self.trace.syncs.append(op)
-        if name in DYNAMIC_SHAPE_OPS:
-            self.trace.dynamic.append(op)
         return out
 
 

@@ -321,7 +321,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.prefetch = self.device.type == "cuda" if prefetch is None else bool(prefetch)
         self.static = bool(static)
-        if self.static and (int8 or self.plan.phase(10 ** 9) != 1):
+        if self.static and (int8 or not self.plan.device_only):
             raise ValueError(f"static=True needs a Phase I plan without INT8 KV (got plan={self.plan!r}, int8={int8!r}): "
                              "allowed is Plan() with int8=False")
 

@@ -70,6 +70,11 @@ class Plan:
     def records_inputs(self) -> bool:
         return self.p2 is not None and self.beta > 0
 
+    @property
+    def device_only(self) -> bool:
+        """Every step is Phase I: nothing is ever offloaded or deleted."""
+        return not ((self.p1 is not None and self.alpha > 0) or self.records_inputs)
+
 
 @dataclass
 class Traffic:
