@@ -35,6 +35,8 @@ except ImportError:  # pragma: no cover
     numba = None
 
 H2O, SWA, TOVA, SNAPKV = 0, 1, 2, 3  # kernel kinds; the state arrays each one uses are listed in attend()
+AHEAD = 8  # kept key rows the attention loops ask the CPU to load ahead (software prefetch)
+PREFETCH = False  # whether the prefetch hint compiled (else it is a no-op: same results, slower)
 
 
 def available() -> bool:
@@ -42,6 +44,42 @@ def available() -> bool:
 
 
 if numba is not None:
+    from llvmlite import binding as _llvm
+    from llvmlite import ir as _ir
+    from numba import types as _types
+    from numba.core import cgutils as _cg
+    from numba.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _prefetch_hint(typingctx, arr, h, c, d):
+        """Ask the CPU to load the cache line of arr[h, c, d] (``llvm.prefetch``: read, keep in
+        every cache level). The kept keys are scattered columns, which the hardware prefetcher
+        does not follow: hinting row j + AHEAD while row j computes took the kernel from ~92 to
+        ~72 ns per kept key row (SmolLM2 shape, 73% of the slots kept, cold, one thread)."""
+        def codegen(context, builder, signature, args):
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = _cg.get_item_pointer(context, builder, aryty, ary, list(args[1:]), wraparound=False)
+            i8p = builder.bitcast(ptr, _ir.IntType(8).as_pointer())
+            i32 = _ir.IntType(32)
+            name = "llvm.prefetch.p0" if _llvm.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+            fn = _cg.get_or_insert_function(builder.module, _ir.FunctionType(_ir.VoidType(), [i8p.type, i32, i32, i32]), name)
+            builder.call(fn, [i8p, i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+        return _types.void(arr, h, c, d), codegen
+
+    @njit(cache=True, inline="always")
+    def _prefetch_row(arr, h, c):
+        for d in range(0, arr.shape[2], 16):  # 16 float32 = one 64-byte line
+            _prefetch_hint(arr, h, c, d)
+
+    try:  # an llvmlite whose LLVM names the intrinsic otherwise: run without the hint
+        _prefetch_row(np.zeros((1, 1, 16), np.float32), 0, 0)
+        PREFETCH = True
+    except Exception:  # noqa: BLE001 - the hint is an optimisation, never a failure
+        @njit(cache=True, inline="always")
+        def _prefetch_row(arr, h, c):
+            pass
 
     @njit(cache=True, inline="always")
     def _half(n, p, q, budget):
@@ -220,6 +258,8 @@ if numba is not None:
         U = keys.shape[1]
         for h in range(Hkv):
             for j in range(m):
+                if j + AHEAD < m and cols[j + AHEAD] < U:
+                    _prefetch_row(keys, h, cols[j + AHEAD])
                 c = cols[j]
                 kr = keys[h, c] if c < U else xkeys[h, c - U]
                 for g in range(G):
@@ -234,6 +274,8 @@ if numba is not None:
                     row[j] += lg[g, j]
             acc[:, :] = 0.0
             for j in range(m):
+                if j + AHEAD < m and cols[j + AHEAD] < U:
+                    _prefetch_row(vals, h, cols[j + AHEAD])
                 c = cols[j]
                 vr = vals[h, c] if c < U else xvals[h, c - U]
                 for g in range(G):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import alisa
-from alisa import attention
+from alisa import _fast, attention
 from alisa.policies import PolicyState, topk_mask
 from alisa.runtime.engine import Engine
 from alisa.runtime.tiered import Plan
@@ -144,8 +144,6 @@ def test_topk_ties_go_to_the_more_recent_on_both_routes(monkeypatch, name):
 
 def test_kernel_top_is_topk_mask_with_ties():
     """The compiled top-k of a row (TOVA's eviction, SnapKV's compression) is topk_mask's, ties included."""
-    from alisa import _fast
-
     g = torch.Generator().manual_seed(5)
     for trial in range(200):
         m = int(torch.randint(1, 40, (1,), generator=g))
@@ -158,8 +156,6 @@ def test_kernel_top_is_topk_mask_with_ties():
 
 
 def test_missing_numba_falls_back_with_one_warning(monkeypatch):
-    from alisa import _fast
-
     monkeypatch.setattr(_fast, "numba", None)
     monkeypatch.setattr(attention, "_warned", set())
     policy = alisa.make_policy("swa", sparsity=0.5)
@@ -184,3 +180,10 @@ def test_state_follows_slots_through_one_helper():
     assert st.slot["a"].tolist() == [[0, 2], [5, 7]] and st.slot["r"][0, 0].tolist() == [0, 2]
     st.reorder(torch.tensor([1, 1]))
     assert st.slot["a"].tolist() == [[5, 7], [5, 7]] and st.other["q"].tolist() == [[2], [2]]
+
+
+@pytest.mark.skipif(not _fast.available(), reason="numba is not installed")
+def test_the_prefetch_hint_compiles_here():
+    """The attention loops hint the next kept rows (``llvm.prefetch``); where an llvmlite cannot
+    compile it the kernel runs without (same results). The pinned environment must have it."""
+    assert _fast.PREFETCH

@@ -18,6 +18,8 @@ import torch
 
 from ..integration import AlisaCache, apply
 from ..policies import Policy, make_policy
+from .linear import check as check_linear
+from .linear import decode_linear
 from .recompute import capture_inputs, kv_from_inputs
 from .tiered import Link, Plan, TieredStore, Traffic
 
@@ -309,11 +311,15 @@ class Engine:
         every step issues the same ops on the same buffers, with no host read-back, so that a
         CUDA graph can replay it (``python -m alisa.runtime.audit`` checks that on any device).
         Phase I plans without INT8 only; the tokens are the eager step's.
+    linear : {"auto", "plain", "mm"}
+        The GEMM form of the decode step's linear layers (:mod:`alisa.runtime.linear`): ``auto``
+        times both on the CPU once per process and shape and keeps the faster (on CUDA and for
+        tiny models: ``plain``, PyTorch's own); the choice and its timings are in the record.
     """
 
     def __init__(self, model, policy: Policy | str = "dense", *, prefill: str = "dense", plan: Plan | None = None,
                  int8: bool = False, device_budget: int | None = None, host_budget: int | None = None,
-                 prefetch: bool | None = None, static: bool = False, **policy_kwargs):
+                 prefetch: bool | None = None, static: bool = False, linear: str = "auto", **policy_kwargs):
         self.model = model
         self.policy = make_policy(policy, **policy_kwargs) if isinstance(policy, str) else policy
         self.prefill, self.plan, self.int8 = prefill, plan or Plan(), int8
@@ -321,6 +327,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.prefetch = self.device.type == "cuda" if prefetch is None else bool(prefetch)
         self.static = bool(static)
+        self.linear = check_linear(linear)
         if self.static and (int8 or not self.plan.device_only):
             raise ValueError(f"static=True needs a Phase I plan without INT8 KV (got plan={self.plan!r}, int8={int8!r}): "
                              "allowed is Plan() with int8=False")
@@ -341,7 +348,7 @@ class Engine:
         ids = input_ids.to(dev)
         mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(dev)
         recorder = capture_inputs(model) if self.plan.records_inputs else contextlib.nullcontext()
-        with recorder as rec:
+        with recorder as rec, decode_linear(model, self.linear, ids.shape[0]) as linear:
             def factory(policy, n_layers):
                 return TieredCache(policy, n_layers, model=model, plan=self.plan, int8=self.int8, device=dev,
                                    host="cpu", recorder=rec, reserve=max_new_tokens, prefetch=self.prefetch)
@@ -372,7 +379,7 @@ class Engine:
                     phases.append(self.plan.phase(j - 1))
                     cache.step = j
 
-                step, extra = model, {}
+                step, extra = model, {"linear": linear}
                 if self.static:
                     cache.make_static()
                     step = Replayed(model) if dev.type == "cuda" else model

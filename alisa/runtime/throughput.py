@@ -161,9 +161,10 @@ def static_generate(model, ids: torch.Tensor, new_tokens: int, prefilled: Prefil
 def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy: str | Policy = "dense", sparsity: float | None = None,
               budget: int | None = None, prefill: str = "dense", int8: bool = False, plan: Plan | None = None,
               flexgen_fraction: float = 0.5, device_budget: int | None = None, host_budget: int | None = None,
-              prefilled: Prefilled | None = None, static: bool = False) -> dict:
+              prefilled: Prefilled | None = None, static: bool = False, linear: str = "auto") -> dict:
     """Measure one system on ``ids``; returns a flat record (status ok / oom / skipped / failed).
-    ``static``: the engine's fixed-shape decode step (captured as a CUDA graph on a GPU)."""
+    ``static``: the engine's fixed-shape decode step (captured as a CUDA graph on a GPU);
+    ``linear``: the GEMM form of the engine's decode step (:mod:`alisa.runtime.linear`)."""
     if system not in SYSTEMS:
         raise ValueError(f"unknown system {system!r}: allowed are {', '.join(SYSTEMS)}")
     dev = next(model.parameters()).device
@@ -187,7 +188,7 @@ def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy:
             pl = plan or Plan()
         use_shared = prefilled if shares_dense_prefill(pol, prefill) else None
         eng = Engine(model, pol, prefill=prefill, plan=pl, int8=int8, device_budget=device_budget, host_budget=host_budget,
-                     static=static)
+                     static=static, linear=linear)
         g = eng.generate(ids, None, new_tokens, prefilled=use_shared)
         s = g.summary()
         return {**rec, "status": "ok", "prefill_shared": use_shared is not None, **pol.key, "prefill": prefill, "int8": int8,
