@@ -6,7 +6,8 @@
 SmolLM2-135M (fp32) on this machine's device tier. Measures, in the same process: the copy
 bandwidth and matmul rate (the rooflines), one shared dense prefill (the stock forward),
 stock decode with transformers' default cache, the engine's dense decode, swa at sparsity 0
-(the swa code path), swa@0.8 and h2o@0.8 (sparse prefill, which is what lets them hold less),
+(the swa code path), the engine's dense decode with PyTorch's own linear layers (what the measured
+GEMM form of :mod:`alisa.runtime.linear` buys), swa@0.8 and h2o@0.8 (sparse prefill, which is what lets them hold less),
 swa@0.8 and dense with the fixed-shape step (``static=True``: what a GPU captures; here eager),
 and the engine's dense decode again (two cores drift by ~10% over a run: the ratios use the
 mean of the first and the last dense step), and prints each target with its measured ratio.
@@ -69,6 +70,7 @@ def main() -> int:
     rows = {}
     for name, kw in [("stock", dict(system="stock")),
                      ("engine dense", dict(system="engine", policy="dense")),
+                     ("engine dense, plain linear", dict(system="engine", policy="dense", linear="plain")),  # PyTorch's own GEMM form
                      ("swa@0 (dense prefill)", dict(system="engine", policy="swa", sparsity=0.0, prefill="dense")),
                      ("swa@0.8 (sparse prefill)", dict(system="engine", policy="swa", sparsity=0.8, prefill="sparse")),
                      ("h2o@0.8 (sparse prefill)", dict(system="engine", policy="h2o", sparsity=0.8, prefill="sparse")),
@@ -107,6 +109,11 @@ def main() -> int:
         ("swa@0.8 static step <= 1.05x eager", rows["swa@0.8 static"]["step_s_mean"] / swa8["step_s_mean"], 1.05),
         ("prefill <= 2.5x FLOP roofline", pf.seconds / prefill_roof, 2.5),
     ]
+    lin = rows["engine dense"]["linear"]
+    if "mm_s" in lin:
+        print(f"\nthe engine's decode linear layers: {lin['route']} (one pass over the weights at {B} rows: "
+              f"F.linear {lin['plain_s'] * 1e3:.1f} ms, (W x^T)^T {lin['mm_s'] * 1e3:.1f} ms); engine dense step with "
+              f"F.linear / with {lin['route']}: {rows['engine dense, plain linear']['step_s_mean'] / dense['step_s_mean']:.2f}x")
     print(f"\nbytes roofline of a dense step: {roof * 1e3:.1f} ms (weights {weight_bytes / 1e9:.3f} GB + KV {kv_dense / 1e9:.3f} GB at {bw / 1e9:.1f} GB/s)")
     out = []
     for name, ratio, bound in targets:
