@@ -40,9 +40,13 @@ def _linears(model) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in m.__dict__]
 
 
-def choose(model, rows: int, reps: int = 3) -> dict:
+def choose(model, rows: int, reps: int = 5) -> dict:
     """Which form runs the model's linear layers faster at ``rows`` rows: ``{"route", "plain_s",
-    "mm_s"}`` (seconds for one pass over every layer, best of ``reps``) or ``{"route", "why"}``."""
+    "mm_s"}`` (seconds for one pass over every layer, best of ``reps``) or ``{"route", "why"}``.
+
+    The two forms' passes alternate (after one warm-up pass each), so a machine that speeds up or
+    slows down during the measurement biases neither: measured back to back instead, the choice
+    flipped between runs of the same process on this workplace's CPU."""
     mods = _linears(model)
     p = next(model.parameters())
     size = sum(m.weight.numel() * m.weight.element_size() for m in mods)
@@ -53,20 +57,17 @@ def choose(model, rows: int, reps: int = 3) -> dict:
     key = (id(model), rows, p.dtype, size)
     if key not in _CHOSEN:
         xs = {n: torch.randn(rows, n, dtype=p.dtype) for n in {m.in_features for m in mods}}
-
-        def best(f) -> float:
-            times = []
-            for _ in range(reps + 1):  # the first pass warms up
-                t0 = time.perf_counter()
-                for m in mods:
-                    f(m, xs[m.in_features])
-                times.append(time.perf_counter() - t0)
-            return min(times[1:])
-
+        forms = {"plain": lambda m, x: F.linear(x, m.weight, m.bias), "mm": mm_linear}
+        best = {name: float("inf") for name in forms}
         with torch.inference_mode():
-            plain_s = best(lambda m, x: F.linear(x, m.weight, m.bias))
-            mm_s = best(mm_linear)
-        _CHOSEN[key] = {"route": "mm" if mm_s < plain_s else "plain", "plain_s": plain_s, "mm_s": mm_s}
+            for rep in range(reps + 1):  # pass 0 warms up
+                for name, f in forms.items():
+                    t0 = time.perf_counter()
+                    for m in mods:
+                        f(m, xs[m.in_features])
+                    if rep:
+                        best[name] = min(best[name], time.perf_counter() - t0)
+        _CHOSEN[key] = {"route": "mm" if best["mm"] < best["plain"] else "plain", "plain_s": best["plain"], "mm_s": best["mm"]}
     return dict(_CHOSEN[key])
 
 
