@@ -2,7 +2,6 @@
 ``alisa.policies``, works everywhere a built-in does; a broken plug-in is one line and breaks nothing else;
 ``python -m alisa.check_policy`` passes the built-ins and names the first step where a broken policy fails."""
 
-import importlib
 import json
 import os
 import re
