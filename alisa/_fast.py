@@ -25,11 +25,9 @@ try:  # pragma: no cover - exercised by the fallback test
     import numba
     from numba import njit, prange
 
-    # numba's own threading layer choice (tbb, then OpenMP, then its work queue; NUMBA_THREADING_LAYER
-    # overrides it). Forcing the work queue, as this module once did to keep a second OpenMP runtime's
-    # idle threads from spinning beside PyTorch's, cost ~120 us per call (OpenMP: ~2 us) and halved
-    # the kernel's use of a second core: inside SmolLM2 decode steps (batch 16, prompt 2048) the
-    # kernel took 59 -> 34 ms per step (swa@0.8) and 40 -> 16 ms (h2o@0.8) with OpenMP (NOTES.md).
+    # Threading layer: numba's own choice (tbb, OpenMP, else its work queue; NUMBA_THREADING_LAYER
+    # overrides). Not the work queue by force: ~120 us per call against OpenMP's ~2 us, and the
+    # kernel ~2x slower inside a decode step (NOTES.md, session 8).
 except ImportError:  # pragma: no cover
     numba = None
 
