@@ -243,6 +243,11 @@ class Policy(abc.ABC):
         """Keys the query at length ``n`` attends."""
         return float(min(n, self.full_count(n)))
 
+    def max_selected(self, n: int) -> int:
+        """A bound on the keys any query at a position < ``n`` selects (the runtime's fixed fetch
+        slots in a static decode step); by default every key."""
+        return n
+
     def recent_count(self, n):
         """Size of the recent (local) window at length ``n``: the runtime keeps it on the device."""
         return self.half_count(n)
@@ -317,6 +322,9 @@ class Local(Policy):
     def select(self, pos, t, state):
         return causal(pos, t) & (pos > t - self.full_count(t + 1))
 
+    def max_selected(self, n):
+        return min(n, self.full_count(n))
+
     def retain(self, pos, t_next, state):
         # The window's left edge never moves back (K grows by at most 1 per step).
         t = t_next[:, None]
@@ -364,6 +372,9 @@ class Sinks(Policy):
         return float(min(n, max(self.full_count(n), self.n_sinks + 1)))
 
     expected_selected = expected_held
+
+    def max_selected(self, n):
+        return min(n, max(self.full_count(n), self.n_sinks + 1))
 
     def _recent(self, t):
         return torch.clamp(self.full_count(t + 1), min=self.n_sinks + 1) - self.n_sinks
@@ -427,6 +438,9 @@ class TwoPart(Policy):
 
     def expected_held(self, n):
         return float(n) if n <= self.dense_horizon else super().expected_held(n)
+
+    def max_selected(self, n):
+        return min(n, max(2 * self.half_count(n), self.dense_horizon))  # k recent + k scored, or a dense row
 
     @abc.abstractmethod
     def score(self, state: PolicyState) -> torch.Tensor:

@@ -245,6 +245,9 @@ class Quest(Policy):
     def expected_selected(self, n):
         return float(min(n, self._pages(n) * self.page_size))
 
+    def max_selected(self, n):
+        return int(self.expected_selected(n))  # exact: p pages (fewer tokens in the newest), or every key
+
     def recent_count(self, n):
         return _at_most(n, self.page_size)
 

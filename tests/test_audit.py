@@ -81,6 +81,77 @@ def test_static_decode_step_is_replayable(llama, name, monkeypatch):
         assert eager.n_differences > 0  # the eager step grows its slots: the audit tells the two apart
 
 
+@pytest.mark.parametrize("name", available())
+def test_static_step_with_host_and_deleted_keys_is_replayable(llama, name, monkeypatch):
+    """With an offload plan (every non-local key on the host from the first step) and one that
+    also deletes and recomputes: the tiers move between steps, so the step itself still issues
+    the same ops on the same buffers with no read-back (state the schedule changes is updated in
+    place: a captured step would read stale buffers otherwise)."""
+    from alisa.runtime.tiered import Plan
+
+    monkeypatch.setattr(attention, "ROUTE", "reference")
+    policy = make_policy(name) if name == "dense" else make_policy(name, sparsity=0.8)
+    ids = torch.randint(2, llama.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    for plan in (Plan(alpha=1.0, p1=0), Plan(alpha=0.7, beta=0.5, p1=0, p2=0)):
+        audit = audit_decode(Engine(llama, policy, prefill="sparse", static=True, plan=plan), ids)
+        assert audit.replayable, (plan, audit.summary())
+
+
+def test_replayed_captures_again_when_the_step_changes(monkeypatch):
+    """engine.Replayed (CUDA graphs, faked here): eager warm-up steps, one capture replayed, and a
+    new capture when the cache's static key changes (host keys appear); a failed capture is eager."""
+    from alisa.runtime import engine as E
+
+    class Graph:
+        def __init__(self):
+            self.fn = None
+
+        def replay(self):
+            calls.append("replay")
+
+    class capture:
+        def __init__(self, g):
+            self.g = g
+
+        def __enter__(self):
+            calls.append("capture")
+            capturing[0] = True
+
+        def __exit__(self, *exc):
+            capturing[0] = False
+            return False
+
+    calls, key, capturing = [], [0], [False]
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+
+    def model(**kw):
+        calls.append("eager")
+        return "out"
+
+    step = E.Replayed(model, key=lambda: key[0], warmup=2)
+    for _ in range(4):
+        step()
+    assert calls == ["eager", "eager", "capture", "eager", "replay", "replay"] and step.status == "captured"
+    calls.clear()
+    key[0] = 1
+    step()
+    step()
+    assert calls == ["capture", "eager", "replay", "replay"]
+    assert step.status == "captured (2 graphs: the step changed 1x)"
+
+    def broken(**kw):
+        if capturing[0]:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return model()
+
+    calls.clear()
+    step = E.Replayed(broken, warmup=0)
+    step()
+    step()
+    assert calls == ["capture", "eager", "eager"] and step.status.startswith("eager (capture failed: RuntimeError: operation")
+
+
 def test_cli_bad_policy_is_one_line(capsys):
     assert main(["--policies", "nope"]) == 2
     out = capsys.readouterr().out.strip().splitlines()

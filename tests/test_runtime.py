@@ -54,11 +54,23 @@ def test_static_step_equals_eager_on_the_reference_route(policy, kw, monkeypatch
         assert got.kv["device"] == ref.kv["device"]  # the same live tokens, measured the same way
 
 
-@pytest.mark.parametrize("bad", [dict(int8=True), dict(plan=Plan(alpha=0.5, p1=0))], ids=["int8", "offload"])
-def test_static_needs_a_device_only_plan(bad):
-    with pytest.raises(ValueError, match=r"static=True needs a Phase I plan without INT8") as e:
-        Engine(tiny_model("llama"), "swa", sparsity=0.5, static=True, **bad)
+def test_static_needs_kv_without_int8():
+    with pytest.raises(ValueError, match=r"static=True needs KV without INT8 \(got int8=True\): allowed is int8=False") as e:
+        Engine(tiny_model("llama"), "swa", sparsity=0.5, static=True, int8=True)
     assert "\n" not in str(e.value)
+
+
+def assert_static_equals_eager(g, ref, plan):
+    """The fixed-shape step with a plan: the eager step's tokens and logits (float rounding: sums
+    over more columns), the same tokens moved and the same live bytes per tier; the host-to-device
+    bytes are those of the fixed fetch slots (at least the eager step's), device-to-host equal."""
+    assert torch.equal(g.tokens, ref.tokens), plan
+    torch.testing.assert_close(g.extra["logits"], ref.extra["logits"], atol=1e-5, rtol=0)
+    for k in ("tokens_offloaded", "tokens_fetched", "tokens_deleted", "tokens_recomputed", "d2h_bytes"):
+        assert getattr(g.traffic, k) == getattr(ref.traffic, k), (plan, k)
+    assert g.traffic.h2d_bytes >= ref.traffic.h2d_bytes, plan
+    assert all(g.kv[k] == ref.kv[k] for k in ("device", "host", "inputs")), (plan, g.kv, ref.kv)
+    assert g.kv["device_allocated"] <= ref.kv["device_allocated"] or plan.device_only, (plan, g.kv, ref.kv)
 
 
 PLANS = [Plan(alpha=0.5, p1=2), Plan(alpha=1.0, p1=0), Plan(alpha=0.7, beta=0.5, p1=1, p2=4), Plan(alpha=1.0, beta=1.0, p1=0, p2=0),
@@ -78,6 +90,37 @@ def test_offload_and_recompute_keep_tokens_exact(family, policy, kw):
         assert g.traffic.tokens_offloaded > 0
         if plan.beta:
             assert g.traffic.tokens_recomputed > 0
+        static = Engine(model, policy, plan=plan, static=True, **kw).generate(ids, mask, NEW, keep_logits=True)
+        assert_static_equals_eager(static, g, plan)
+
+
+@pytest.mark.parametrize("policy,kw", POLICIES, ids=[p for p, _ in POLICIES])
+def test_static_step_with_offload_and_recompute_plans(policy, kw, monkeypatch):
+    """Every policy, on the route CUDA runs: the fixed-shape step moves tiers between steps and
+    fetches (recomputes) the selected host (deleted) keys in fixed slots; the eager step's tokens."""
+    from alisa import attention
+
+    monkeypatch.setattr(attention, "ROUTE", "reference")
+    model = tiny_model("llama")
+    ids, mask = padded_batch(24)
+    for plan in (Plan(alpha=1.0, p1=0), Plan(alpha=0.7, beta=0.5, p1=1, p2=4), Plan(alpha=0.6, p1=1, local_on_device=False)):
+        ref = Engine(model, policy, plan=plan, **kw).generate(ids, mask, NEW, keep_logits=True)
+        g = Engine(model, policy, plan=plan, static=True, **kw).generate(ids, mask, NEW, keep_logits=True)
+        assert_static_equals_eager(g, ref, plan)
+        assert g.traffic.tokens_fetched + g.traffic.tokens_recomputed > 0, plan
+
+
+def test_a_wrong_selection_bound_is_an_error_not_wrong_tokens(monkeypatch):
+    """The static step counts, on the device, rows that selected more host keys than its fetch
+    slots (``Policy.max_selected`` too small): the run ends with one line saying so."""
+    from alisa.policies import TwoPart
+
+    monkeypatch.setattr(TwoPart, "max_selected", lambda self, n: 1)
+    model = tiny_model("llama")
+    ids, mask = padded_batch(24)
+    with pytest.raises(RuntimeError, match=r"selected more off-device keys than its 1 fetch slots") as e:
+        Engine(model, "swa", plan=Plan(alpha=1.0, p1=0), static=True, sparsity=0.5).generate(ids, mask, NEW)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("policy,kw", POLICIES, ids=[p for p, _ in POLICIES])

@@ -70,6 +70,8 @@ class TieredCache(AlisaCache):
             n_max = ts.n_max if ts.static else self.layers[layer_idx].store.seen  # static: one bound for every step
             out = ts.attend(query, chunk.q_pos[:, 0], scale, recompute, stats, layer_idx, n_max=n_max)
             ts.evict(self.policy.retain(ts.pos, chunk.t_next, ts.state))
+            if ts.static:  # the tiers move between steps (:meth:`between_steps`), not inside the fixed step
+                return out
         ts.schedule(self.plan, self.step, chunk.t_next)
         if self.prefetch:  # the next layer's query in this step, or layer 0's in the next one (if there is one)
             last = layer_idx + 1 == len(self.tiered)
@@ -101,6 +103,18 @@ class TieredCache(AlisaCache):
         for ts in self.tiered:
             ts.make_static(self.reserve)
 
+    def between_steps(self, step: int, ran: bool) -> None:
+        """A static decode: count the step that ran (if one did) and move the tiers as the plan
+        says for decode step ``step`` (what the eager step does after each layer's attention)."""
+        for ts in self.tiered:
+            if ran:
+                ts.static_step_traffic()
+            ts.schedule(self.plan, step, self.n_real)
+
+    def static_key(self) -> tuple:
+        """What every layer's static step does (:meth:`TieredStore.static_key`)."""
+        return tuple(ts.static_key() for ts in self.tiered)
+
     def kv_bytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for ts in self.tiered:
@@ -119,6 +133,7 @@ class TieredCache(AlisaCache):
         total = Traffic()
         for ts in self.tiered:
             if ts is not None:
+                ts.settle_static()
                 total.add(ts.traffic)
         return total
 
@@ -223,20 +238,29 @@ class Replayed:
 
     The first ``warmup`` calls run eagerly (real steps: they also initialise what a capture may
     not, e.g. the BLAS handles); the next one is captured, which runs no kernel, and then
-    replayed once to compute it. If the capture fails, ``error`` says why and every later step
-    runs eagerly (the failed capture ran nothing, so the step is simply run again)."""
+    replayed once to compute it. ``key()`` says what the step does (e.g. whether it fetches host
+    keys, :meth:`TieredCache.static_key`): when it changes, the graph is dropped and the next
+    call is captured again. If a capture fails, ``error`` says why and every later step runs
+    eagerly (the failed capture ran nothing, so the step is simply run again)."""
 
-    def __init__(self, model, warmup: int = 2):
-        self.model, self.warmup = model, warmup
+    def __init__(self, model, key=lambda: None, warmup: int = 2):
+        self.model, self.key, self.warmup = model, key, warmup
         self.graph = self.out = self.error = None
+        self.captures = 0
+        self._key = None
 
     @property
     def status(self) -> str:
-        if self.graph is not None:
-            return "captured"
-        return f"eager (capture failed: {self.error})" if self.error else "eager (not captured yet)"
+        if self.error:
+            return f"eager (capture failed: {self.error})"
+        if self.graph is None:
+            return "eager (not captured yet)"
+        return "captured" if self.captures == 1 else f"captured ({self.captures} graphs: the step changed {self.captures - 1}x)"
 
     def __call__(self, **inputs):
+        key = self.key()
+        if self.graph is not None and key != self._key:
+            self.graph = self.out = None  # the step does something else now: capture it again
         if self.graph is not None:
             self.graph.replay()
             return self.out
@@ -250,7 +274,8 @@ class Replayed:
         except Exception as e:  # noqa: BLE001 - reported in the record; the step runs eagerly instead
             self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             return self.model(**inputs)
-        self.graph, self.out = graph, out
+        self.graph, self.out, self._key = graph, out, key
+        self.captures += 1
         graph.replay()
         return out
 
@@ -310,7 +335,8 @@ class Engine:
         Decode with fixed shapes (:meth:`TieredStore.make_static`, ``greedy_steps(static=True)``):
         every step issues the same ops on the same buffers, with no host read-back, so that a
         CUDA graph can replay it (``python -m alisa.runtime.audit`` checks that on any device).
-        Phase I plans without INT8 only; the tokens are the eager step's.
+        Every plan, without INT8: the tiers move between steps, host keys are read into fixed
+        fetch slots (on CUDA by the device from mapped pinned memory). The tokens are the eager step's.
     linear : {"auto", "plain", "mm"}
         The GEMM form of the decode step's linear layers (:mod:`alisa.runtime.linear`): ``auto``
         times both on the CPU once per process and shape and keeps the faster (on CUDA and for
@@ -328,9 +354,8 @@ class Engine:
         self.prefetch = self.device.type == "cuda" if prefetch is None else bool(prefetch)
         self.static = bool(static)
         self.linear = check_linear(linear)
-        if self.static and (int8 or not self.plan.device_only):
-            raise ValueError(f"static=True needs a Phase I plan without INT8 KV (got plan={self.plan!r}, int8={int8!r}): "
-                             "allowed is Plan() with int8=False")
+        if self.static and int8:
+            raise ValueError("static=True needs KV without INT8 (got int8=True): allowed is int8=False")
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
@@ -374,6 +399,8 @@ class Engine:
                 peak: dict[str, int] = {}
 
                 def before(j: int) -> None:  # what the tiers hold going into decode step j - 1
+                    if self.static:  # the tiers move between the fixed steps
+                        cache.between_steps(j - 1, ran=j > 1)
                     self._track(peak, cache.kv_bytes())
                     tiers.append(cache.counts())
                     phases.append(self.plan.phase(j - 1))
@@ -382,9 +409,11 @@ class Engine:
                 step, extra = model, {"linear": linear}
                 if self.static:
                     cache.make_static()
-                    step = Replayed(model) if dev.type == "cuda" else model
+                    step = Replayed(model, cache.static_key) if dev.type == "cuda" else model
                 tokens, steps, logits = greedy_steps(step, last.argmax(-1), mask, cache, max_new_tokens, before, keep_logits,
                                                      static=self.static)
+                if self.static and max_new_tokens > 1:
+                    cache.between_steps(max_new_tokens - 1, ran=True)
                 if self.static:
                     extra["graph"] = step.status if isinstance(step, Replayed) else "eager (no CUDA graphs on the CPU)"
                 if keep_logits:

@@ -181,6 +181,27 @@ def _take(t: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return t.gather(2, cols[:, None, :, None].expand(B, H, cols.shape[1], D))
 
 
+def _mapped(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor on CUDA ``device`` whose memory is ``t``'s (contiguous, pinned host memory: with
+    unified virtual addressing it is mapped into the device's address space, so kernels read and
+    write it over the link directly). Raises ValueError when it cannot be made."""
+    if not (t.is_contiguous() and t.is_pinned()):
+        raise ValueError("a host pool read by a static decode step must be contiguous pinned memory")
+
+    class _Interface:  # the CUDA array interface, over the bytes (no numpy dtype for bfloat16 or bool needed)
+        __cuda_array_interface__ = {"shape": (t.numel() * t.element_size(),), "typestr": "|u1",
+                                    "data": (t.data_ptr(), False), "version": 3, "strides": None}
+
+    try:
+        with torch.cuda.device(device):
+            out = torch.as_tensor(_Interface(), device=device)
+    except Exception as e:  # noqa: BLE001 - one line for the caller's record
+        raise ValueError(f"host memory is not addressable from {device}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    out = out.view(t.dtype).view(t.shape)
+    out._host = t  # keep the host allocation alive as long as the alias
+    return out
+
+
 def rows_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the True entries of each row, in order: (B, m) and their validity (B, m)."""
     count = mask.sum(1)
@@ -206,6 +227,8 @@ class Pool:
         self.buf: dict[str, torch.Tensor] = {}
         self.live: torch.Tensor | None = None
         self.used = 0
+        self.fixed: int | None = None  # columns per row once fixed (a static decode step, :meth:`fix`)
+        self._mapped: tuple | None = None  # (buffers, live) as a CUDA device addresses them (pinned, fixed)
 
     @property
     def capacity(self) -> int:
@@ -248,17 +271,56 @@ class Pool:
         cols = torch.arange(u, u + m, device=valid.device).expand(B, m)
         return torch.where(valid, cols, -1), remap
 
-    def write_at(self, data: dict[str, torch.Tensor], valid: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        """:meth:`write` of one token per row (data (B, H, 1, D), valid (B, 1)) at column ``at``
-        (a (1,) long tensor on the device, advanced by one here): no host index, no compaction
-        (the caller made room, :meth:`TieredStore.make_static`). Returns the columns (B, 1)."""
-        for k, v in self._encode(data).items():
-            self.buf[k].index_copy_(2, at, v)
-        self.live.index_copy_(1, at, valid)
-        cols = torch.where(valid, at, -1)
-        at += 1
-        self.used += 1  # host bookkeeping only: a replayed step does not advance it
-        return cols
+    def fix(self, cap: int) -> torch.Tensor | None:
+        """From now on hold at most ``cap`` columns per row and never move or resize (a static
+        decode step reads these buffers): compact the live columns to the front of exactly ``cap``
+        columns now (returns the old->new column map, :meth:`compact`), or allocate ``cap`` at the
+        first write (returns None). Writes then go to free columns (:meth:`write_free`)."""
+        self.fixed = cap
+        if not self.buf:
+            return None
+        remap = self.compact(extra=cap - int(self.live[:, :self.used].sum(1).max()), exact=True)
+        self.live = self.live.pin_memory() if self.pinned else self.live
+        self.used = cap  # every column may be written from now on
+        return remap
+
+    def _on(self, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(buffers, live) as a kernel on ``device`` addresses them: the pool's own, or for a fixed
+        pinned pool used from a CUDA device, their mapped aliases (:func:`_mapped`: the device
+        reads and writes host memory over the link, no copy and no host step, so a CUDA graph
+        can replay it)."""
+        if self.fixed is None or self.device == device:
+            return self.buf, self.live
+        if self._mapped is None:
+            self._mapped = ({k: _mapped(v, device) for k, v in self.buf.items()}, _mapped(self.live, device))
+        return self._mapped
+
+    def write_free(self, enc: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        """Store m tokens per row (in this pool's encoding, (B, H, m, D); valid (B, m)) in each
+        row's first m free columns of a :meth:`fix`-ed pool: no host index, no compaction, the same
+        ops whatever the data (a CUDA graph may replay it; done where the data is). The caller
+        guarantees each row has room. Returns the columns (B, m; -1 where invalid)."""
+        B, m = valid.shape
+        if not self.buf:
+            self.buf = {k: self._zeros(v, self.fixed) for k, v in enc.items()}
+            self.live = torch.zeros(B, self.fixed, dtype=torch.bool, pin_memory=self.pinned, device=self.device)
+            self.used = self.fixed
+        bufs, live = self._on(next(iter(enc.values())).device)
+        valid = valid.to(live.device)
+        if m == 1:
+            cols = (~live).to(torch.uint8).argmax(1, keepdim=True)  # the first free column
+        else:
+            cols = torch.sort(live.to(torch.int8), dim=1, stable=True).indices[:, :m]
+        for k, v in enc.items():  # an invalid token's column is written but stays free (finite data)
+            b = bufs[k]
+            b.scatter_(2, cols[:, None, :, None].expand(B, b.shape[1], m, b.shape[3]), v)
+        live.scatter_(1, cols, valid)
+        return torch.where(valid, cols, -1)
+
+    def read_on(self, cols: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`read_raw` by a gather on ``cols``' device (a fixed pinned pool: from its mapped
+        aliases), as stored: a static decode step's fetch, (B, H, m, D) per buffer."""
+        return {k: _take(v, cols) for k, v in self._on(cols.device)[0].items()}
 
     def _zeros(self, like: torch.Tensor, cap: int) -> torch.Tensor:
         """A zeroed buffer (B, H, cap, D) like ``like``; zero, not empty: attention multiplies
@@ -290,12 +352,14 @@ class Pool:
         return self.decode({k: v[:, :, :self.used] for k, v in self.buf.items()}, dtype)
 
     def free(self, cols: torch.Tensor, valid: torch.Tensor) -> None:
-        """Mark columns ``cols`` (B, m) free where ``valid``; masks only, no read-back."""
+        """Mark columns ``cols`` (B, m) free where ``valid``; masks only, no read-back (a fixed
+        pool: on ``cols``' device, :meth:`_on`)."""
         if self.live is not None and cols.numel():
+            live = self._on(cols.device)[1]
             cap = self.capacity
-            c = torch.where(valid, cols, cap).to(self.device)
-            gone = torch.zeros(self.live.shape[0], cap + 1, dtype=torch.bool, device=self.device).scatter_(1, c, True)
-            self.live &= ~gone[:, :cap]  # in place
+            c = torch.where(valid, cols, cap).to(live.device)
+            gone = torch.zeros(live.shape[0], cap + 1, dtype=torch.bool, device=live.device).scatter_(1, c, True)
+            live &= ~gone[:, :cap]  # in place
 
     def compact(self, extra: int = 0, exact: bool = False) -> torch.Tensor:
         """Move live columns to the front and resize (``exact``: to exactly ``extra`` more columns,
@@ -360,7 +424,8 @@ class TieredStore:
         self.traffic = Traffic()
         self._gone = False  # whether any token was ever deleted (skips the recompute part otherwise)
         self._at: torch.Tensor | None = None  # static: the logical slot the next token takes (make_static)
-        self._col_at: torch.Tensor | None = None  # static: its column in the device pool
+        self.fetch_slots = 0  # static: host (or deleted) keys one step can fetch (recompute) per row
+        self._moved: torch.Tensor | None = None  # static: tokens fetched, recomputed, rows that did not fit (device-side)
 
     pos = property(lambda self: self.slots.slot.get("pos"), lambda self, v: self.slots.slot.__setitem__("pos", v))
     tier = property(lambda self: self.slots.slot.get("tier"), lambda self, v: self.slots.slot.__setitem__("tier", v))
@@ -405,22 +470,36 @@ class TieredStore:
 
     def make_static(self, new_tokens: int) -> None:
         """Fix every shape of the decode step for ``new_tokens`` more tokens (the step a CUDA graph
-        can capture and replay): compact the slots and the device pool once, then give both room
-        for all of them now (empty slots: position -1, zero policy state). From then on
-        :meth:`append` writes at device-side indices and :meth:`evict` never compacts, so every
-        step issues the same ops on the same buffers. Phase I only (nothing on the host), no INT8."""
-        if self.host.used or self._gone or self.dev.int8 or self.xs.used:
-            raise ValueError("a static decode step needs every token on the device (a Phase I plan) and no INT8 KV")
+        can capture and replay): compact the slots once and give them room for all of them now
+        (empty slots: position -1, zero policy state), and fix each pool's columns (:meth:`Pool.fix`):
+        the device pool at what it holds plus ``new_tokens``, the host pools at one column per slot.
+        From then on :meth:`append` writes at device-side indices and free columns, :meth:`evict`
+        never compacts, and host tokens are fetched into ``F`` fixed slots per row (F bounds what
+        one query selects, :meth:`Policy.max_selected`), masked where unused: every step issues the
+        same ops on the same buffers as long as the plan's phase does not change. The tiers move
+        outside the step (:meth:`schedule`, run between steps). No INT8."""
+        if self.dev.int8:
+            raise ValueError("a static decode step needs KV without INT8")
         self._compact(self.pos >= 0)
-        self.loc = _remap(self.loc, self.tier == DEVICE, self.dev.compact(extra=new_tokens, exact=True))
+        held = int(((self.pos >= 0) & (self.tier == DEVICE)).sum(1).max())
+        self.loc = _remap(self.loc, self.tier == DEVICE, self.dev.fix(held + new_tokens))
         C = self.used
         for slots in (self.slots, self.state):
             if slots is not None:
                 slots.append(new_tokens)
         for name in ("pos", "loc", "xloc"):
             self.slots.slot[name][:, C:] = -1
+        total = C + new_tokens
+        self.loc = _remap(self.loc, self.tier == HOST, self.host.fix(total))
+        self.xloc = _remap(self.xloc, self.xloc >= 0, self.xs.fix(total))
         self._at = torch.full((1,), C, dtype=torch.long, device=self.pos.device)
-        self._col_at = torch.full((1,), self.dev.used, dtype=torch.long, device=self.dev.device)
+        self.fetch_slots = min(total, self.policy.max_selected(self.n_max) if self.n_max is not None else total)
+        self._moved = torch.zeros(3, dtype=torch.long, device=self.pos.device)  # tokens fetched, recomputed, rows lost
+
+    def static_key(self) -> tuple[bool, bool]:
+        """What the static step does besides attending the device pool: (fetch host keys,
+        recompute deleted ones). A captured step is replayed only while this stays the same."""
+        return bool(self.host.buf), self._gone
 
     def _write_x(self, xv: torch.Tensor, valid: torch.Tensor) -> None:
         """xv (B, m, hidden) for new logical slots (the last m) -> host x pool (a real copy)."""
@@ -435,10 +514,11 @@ class TieredStore:
         valid = pos >= 0
         if getattr(self.policy, "needs_qk", False):  # quest: page bounds of the new keys [issue 12 hook]
             self.policy.observe_keys(self.state, k, pos)
-        if self.static:  # the slot and the column were made ready: write them in place
-            cols = self.dev.write_at({"k": k, "v": v}, valid, self._col_at)
+        if self.static:  # the slot was made ready and the pools have a free column per row
             self.pos.index_copy_(1, self._at, pos)
-            self.loc.index_copy_(1, self._at, cols)
+            self.loc.index_copy_(1, self._at, self.dev.write_free(self.dev._encode({"k": k, "v": v}), valid))
+            if x is not None:
+                self.xloc.index_copy_(1, self._at, self.xs.write_free({"x": x[:, None]}, valid))
             self._at += 1
             return
         cols, remap = self.dev.write({"k": k, "v": v}, valid)
@@ -472,7 +552,10 @@ class TieredStore:
                 self._compact(live)
 
     def _compact_pools(self) -> None:
-        """Give memory back once a pool is mostly freed columns (after evictions or offloads)."""
+        """Give memory back once a pool is mostly freed columns (after evictions or offloads);
+        a static step's pools are fixed (their freed columns are reused instead)."""
+        if self.static:
+            return
         if self.dev.sparse():
             self.loc = _remap(self.loc, self.tier == DEVICE, self.dev.compact())
         if self.host.sparse():
@@ -512,8 +595,13 @@ class TieredStore:
         loc = torch.where(self.tier == DEVICE, self.loc, -1)
         xk, xv = [], []
         ahead, self._ahead = self._ahead, None
-        for part in (self._fetched(sel & (self.tier == HOST), t, ahead, query.dtype),
-                     self._recomputed(sel & (self.tier == GONE), recompute, query.device)):
+        if self.static:
+            parts = (self._fetched_static(sel & (self.tier == HOST), query.dtype) if self.host.used else None,
+                     self._recomputed_static(sel & (self.tier == GONE), recompute) if self._gone else None)
+        else:
+            parts = (self._fetched(sel & (self.tier == HOST), t, ahead, query.dtype),
+                     self._recomputed(sel & (self.tier == GONE), recompute, query.device))
+        for part in parts:
             if part is None:
                 continue
             idx, valid, k, v = part
@@ -553,6 +641,53 @@ class TieredStore:
         self.traffic.tokens_recomputed += int(valid.sum())
         self.traffic.seconds["recompute"] += _now(device) - t1
         return idx, valid, k, v
+
+    def _first(self, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`rows_of` at the fixed width ``fetch_slots`` (no read-back): each row's first
+        selected slots (B, F) and their validity."""
+        idx = torch.sort((~want).to(torch.int8), dim=1, stable=True).indices[:, :self.fetch_slots]
+        self._moved[2] += (want.sum(1) > self.fetch_slots).sum()  # rows whose selection did not fit (an error)
+        return idx, want.gather(1, idx)
+
+    def _fetched_static(self, want: torch.Tensor, dtype: torch.dtype):
+        """:meth:`_fetched` in fixed shapes: the host slots ``want`` gathered by the device into
+        ``fetch_slots`` columns per row (unused ones read column 0 and are masked)."""
+        idx, valid = self._first(want)
+        kv = self.host.decode(self.host.read_on(torch.where(valid, self.loc.gather(1, idx), 0)), dtype)
+        self._moved[0] += valid.sum()
+        return idx, valid, kv["k"], kv["v"]
+
+    def _recomputed_static(self, want: torch.Tensor, recompute):
+        """:meth:`_recomputed` in fixed shapes: ``fetch_slots`` inputs per row read and recomputed."""
+        idx, valid = self._first(want)
+        x = self.xs.read_on(torch.where(valid, self.xloc.gather(1, idx), 0))["x"]
+        k, v = recompute(x[:, 0], self.pos.gather(1, idx).clamp(min=0))
+        self._moved[1] += valid.sum()
+        return idx, valid, k, v
+
+    def static_step_traffic(self) -> None:
+        """Count one replayed (or run) static decode step's transfers: every step moves the same
+        tensors (the fixed fetch slots, the new token's input), so the bytes are known from their
+        shapes; the tokens among them that were real are counted on the device (:meth:`settle_static`)."""
+        B, F = self.pos.shape[0], self.fetch_slots
+        per_slot = lambda pool: sum(v.shape[1] * v.shape[3] * v.element_size() for v in pool.buf.values())  # noqa: E731
+        if self.host.used:
+            self.traffic.h2d_bytes += B * F * per_slot(self.host)
+        if self._gone:
+            self.traffic.h2d_bytes += B * F * per_slot(self.xs)
+        if self.xs.used:
+            self.traffic.d2h_bytes += B * per_slot(self.xs)
+
+    def settle_static(self) -> None:
+        """Add the tokens the static steps fetched and recomputed (device-side counts) to the traffic."""
+        if self._moved is not None:
+            fetched, recomputed, lost = self._moved.tolist()
+            if lost:
+                raise RuntimeError(f"a static decode step selected more off-device keys than its {self.fetch_slots} fetch "
+                                   f"slots ({lost} row-steps; {self.policy!r}.max_selected is not a bound): its tokens are wrong")
+            self.traffic.tokens_fetched += fetched
+            self.traffic.tokens_recomputed += recomputed
+            self._moved.zero_()
 
     def _fetch(self, want: torch.Tensor):
         """Start moving the host slots ``want`` (B, C) to the device: (slots (B, m), their
@@ -619,8 +754,8 @@ class TieredStore:
             if bool(drop.any()):
                 idx, valid = rows_of(drop)
                 self.host.free(self.loc.gather(1, idx), valid)
-                self.tier = torch.where(drop, GONE, self.tier)
-                self.loc = torch.where(drop, -1, self.loc)
+                self.tier.masked_fill_(drop, GONE)  # in place: a captured step reads these buffers
+                self.loc.masked_fill_(drop, -1)
                 self._gone = True
                 self._compact_pools()
                 self.traffic.tokens_deleted += int(valid.sum())
@@ -632,10 +767,13 @@ class TieredStore:
         raw = self.link.offload(self.dev.read_raw(cols), self.traffic)
         self.traffic.d2h_bytes += _nbytes(raw.values())
         self.dev.free(cols, valid)
-        new_cols, remap = self.host.write_raw(raw, valid)  # both pools share one encoding
-        self.loc = _remap(self.loc, self.tier == HOST, remap)
+        if self.static:  # the host pool has a column for every slot
+            new_cols = self.host.write_free(raw, valid.to(self.host.device)).to(self.loc.device)
+        else:
+            new_cols, remap = self.host.write_raw(raw, valid)  # both pools share one encoding
+            self.loc = _remap(self.loc, self.tier == HOST, remap)
         self.loc.scatter_(1, idx, torch.where(valid, new_cols, self.loc.gather(1, idx)))
-        self.tier = torch.where(move, HOST, self.tier)
+        self.tier.masked_fill_(move, HOST)  # in place: a captured step reads this buffer
         self._compact_pools()
         self.traffic.tokens_offloaded += int(valid.sum())
         if not self.link.cuda:  # on CUDA the link timed the copy
