@@ -12,7 +12,8 @@ swa@0.8 (sparse prefill for h2o and swa), each eager and with its fixed-shape de
 as a CUDA graph (``Engine(static=True)``: targets (a) and (b) are the captured step's); at batch 64 (``--big-new`` tokens) without a device KV
 budget (stock, the engine) and with one (``--budget-gib``, default 4 GiB: hf_offloaded, flexgen
 at the smallest host fraction that fits, the engine with the plan
-``alisa.runtime.costmodel.search`` picks from the profile measured in this run). Prints a table,
+``alisa.runtime.costmodel.search`` picks from the profile measured in this run; flexgen and
+swa@0.8 also with the fixed-shape step, which target (d) uses where it was captured). Prints a table,
 each target as a measured ratio with PASS / MISS (N/A with the reason where a record it needs did
 not run), the reproducing command, and writes results/bench_gpu/<card>.json (``--dry``: dry.json).
 ``--extra`` adds hf_offloaded at batch 16 and hf_static at batch 64 (minutes more on a GPU).
@@ -268,12 +269,16 @@ def targets(rec: dict, a, rates: dict, roof_s: float) -> list[dict]:
     else:
         r = tier_rate / h2d
         out.append({"target": name_c, "ratio": r, "bound": 0.7, "met": r >= 0.7, "status": "PASS" if r >= 0.7 else "MISS"})
-    swa_b = g(f"{B}-budget engine swa@0.8")
+    def best(key):  # the fixed-shape step's record where it was captured as a CUDA graph, else the eager one
+        st = g(key + " static")
+        return (key + " static", st) if _ok(st) and str(st.get("graph", "")).startswith("captured") else (key, g(key))
+
+    swa_key, swa_b = best(f"{B}-budget engine swa@0.8")
     for other, bound in ((f"{B}-budget flexgen", 1.5), (f"{B}-budget hf_offloaded", 1.4), (f"{B} stock", 1.0)):
-        o = g(other)
+        other, o = best(other)
         add(f"(d) swa@0.8 under the budget, end-to-end tok/s >= {bound}x {other.split(' ', 1)[1]}"
-            f"{' (no budget)' if other.endswith('stock') else ''} (batch {a.big_batch})", bound, False,
-            [(f"{B}-budget engine swa@0.8", swa_b), (other, o)], lambda o=o: swa_b["throughput_tok_s"] / o["throughput_tok_s"])
+            f"{' (no budget)' if other.endswith('stock') else ''} (batch {a.big_batch}; {swa_key.split(' ', 1)[1]})", bound, False,
+            [(swa_key, swa_b), (other, o)], lambda o=o: swa_b["throughput_tok_s"] / o["throughput_tok_s"])
     swa = g(f"{b} engine swa@0.8")
     add(f"(e) swa@0.8 sparse prefill <= 1.5x dense prefill (batch {a.batch})", 1.5, True, [(f"{b} engine swa@0.8", swa)],
         lambda: swa["prefill_s"] / rates["dense_prefill_s"])
@@ -372,22 +377,27 @@ def _run(a, argv) -> int:
                 run(f"{tag} {s}", s, ids, new, prefilled=pf)
         if "flexgen" in systems:
             f, why = flexgen_fraction(prof, cfg, dtype, wl, budget)
-            run(f"{tag} flexgen", "flexgen", ids, new, prefilled=pf, flexgen_fraction=f, device_budget=budget)
-            if f"{tag} flexgen" in rec:
-                rec[f"{tag} flexgen"]["flexgen_fraction_why"] = why
+            for st in ([False, True] if budget is not None else [False]):  # under the budget also its fixed-shape step
+                key = f"{tag} flexgen" + (" static" if st else "")
+                run(key, "flexgen", ids, new, prefilled=pf, flexgen_fraction=f, device_budget=budget, static=st)
+                if key in rec:
+                    rec[key]["flexgen_fraction_why"] = why
         for label, pol_name, sp, prefill in ENGINE:
             pol = make_policy(pol_name, sparsity=sp)
             plan, pred = None, None
             if budget is not None:
                 pred = search(prof, cfg, dtype, pol, wl, device_budget=budget)
                 plan = pred.plan
-            run(f"{tag} {label}", "engine", ids, new, policy=pol, prefill=prefill, plan=plan, device_budget=budget,
-                prefilled=pf)
-            r = rec.get(f"{tag} {label}")
-            if r is not None and pred is not None:
-                r["predicted"] = pred.to_dict()
-                if r.get("decode_s"):
-                    r["predicted_vs_measured_decode"] = pred.total_s / r["decode_s"]
+            # under the budget swa@0.8 (target (d)) also runs its fixed-shape step with the same plan
+            for st in ([False, True] if budget is not None and label == "engine swa@0.8" else [False]):
+                key = f"{tag} {label}" + (" static" if st else "")
+                run(key, "engine", ids, new, policy=pol, prefill=prefill, plan=plan, device_budget=budget, prefilled=pf,
+                    static=st)
+                r = rec.get(key)
+                if r is not None and pred is not None:
+                    r["predicted"] = pred.to_dict()
+                    if r.get("decode_s"):
+                        r["predicted_vs_measured_decode"] = pred.total_s / r["decode_s"]
         if budget is None and B == a.batch:  # the fixed-shape step, captured as a CUDA graph (targets (a), (b))
             for label, pol_name, sp, prefill in ENGINE:
                 pol = make_policy(pol_name, sparsity=sp)

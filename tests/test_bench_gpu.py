@@ -33,7 +33,7 @@ def test_dry_run_writes_every_record_and_every_target(tmp_path):
     engine = ["engine dense", "engine h2o@0.8", "engine swa@0.8"]
     expected = ([f"b2 {s}" for s in ["stock", "hf_static", "hf_offloaded", "flexgen", *engine, *(e + " static" for e in engine)]]
                 + [f"b3 {s}" for s in ["stock", "hf_static", *engine]]  # hf_static here and hf_offloaded at b2: --extra
-                + [f"b3-budget {s}" for s in ["hf_offloaded", "flexgen", *engine]])
+                + [f"b3-budget {s}" for s in ["hf_offloaded", "flexgen", "flexgen static", *engine, "engine swa@0.8 static"]])
     assert sorted(d["records"]) == sorted(expected)
     for key, rec in d["records"].items():
         assert key in r.stdout  # a table row each
@@ -54,6 +54,10 @@ def test_dry_run_writes_every_record_and_every_target(tmp_path):
     assert dense_b["predicted"]["plan"]["alpha"] > 0 and dense_b["plan"] == dense_b["predicted"]["plan"]
     assert dense_b["bytes_h2d"] > 0 and dense_b["kv_bytes_peak"]["device"] <= budget
     assert d["records"]["b3-budget flexgen"]["kv_bytes_peak"]["device"] <= budget
+    for key in ("b3-budget flexgen", "b3-budget engine swa@0.8"):  # the fixed-shape step under the budget: the same run
+        eager, static = d["records"][key], d["records"][key + " static"]
+        assert static["graph"] == "eager (no CUDA graphs on the CPU)" and static["plan"] == eager["plan"], key
+        assert static["tokens_fetched"] == eager["tokens_fetched"] and static["kv_bytes_peak"]["device"] <= budget, key
     assert d["profile"]["hbm_copy_bw"] > 0 and d["profile"]["h2d_pinned_bw"] is None
     assert d["rates"]["hbm_copy_bw"] == d["profile"]["hbm_copy_bw"] and "no CUDA device" in d["rates"]["pinned_what"]
     names = [t["target"] for t in d["targets"]]

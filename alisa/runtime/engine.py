@@ -101,7 +101,7 @@ class TieredCache(AlisaCache):
         """Fix the shapes of every layer's decode step for the tokens still to decode
         (:meth:`TieredStore.make_static`)."""
         for ts in self.tiered:
-            ts.make_static(self.reserve)
+            ts.make_static(self.reserve, self.plan)
 
     def between_steps(self, step: int, ran: bool) -> None:
         """A static decode: count the step that ran (if one did) and move the tiers as the plan

@@ -19,6 +19,7 @@ by events; a layer's selected host keys are fetched while the layer before it co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -468,7 +469,7 @@ class TieredStore:
     def static(self) -> bool:
         return self._at is not None
 
-    def make_static(self, new_tokens: int) -> None:
+    def make_static(self, new_tokens: int, plan: Plan | None = None) -> None:
         """Fix every shape of the decode step for ``new_tokens`` more tokens (the step a CUDA graph
         can capture and replay): compact the slots once and give them room for all of them now
         (empty slots: position -1, zero policy state), and fix each pool's columns (:meth:`Pool.fix`):
@@ -477,7 +478,10 @@ class TieredStore:
         never compacts, and host tokens are fetched into ``F`` fixed slots per row (F bounds what
         one query selects, :meth:`Policy.max_selected`), masked where unused: every step issues the
         same ops on the same buffers as long as the plan's phase does not change. The tiers move
-        outside the step (:meth:`schedule`, run between steps). No INT8."""
+        outside the step (:meth:`schedule`, run between steps). No INT8.
+
+        ``F`` is also at most what ``plan`` can put off the device: :meth:`schedule` keeps the
+        host and deleted tokens of a row at floor(alpha * non-local tokens) <= floor(alpha * n_max)."""
         if self.dev.int8:
             raise ValueError("a static decode step needs KV without INT8")
         self._compact(self.pos >= 0)
@@ -493,7 +497,10 @@ class TieredStore:
         self.loc = _remap(self.loc, self.tier == HOST, self.host.fix(total))
         self.xloc = _remap(self.xloc, self.xloc >= 0, self.xs.fix(total))
         self._at = torch.full((1,), C, dtype=torch.long, device=self.pos.device)
-        self.fetch_slots = min(total, self.policy.max_selected(self.n_max) if self.n_max is not None else total)
+        bound = [total]
+        if self.n_max is not None:
+            bound += [self.policy.max_selected(self.n_max)] + ([math.floor(plan.alpha * self.n_max)] if plan is not None else [])
+        self.fetch_slots = min(bound)
         self._moved = torch.zeros(3, dtype=torch.long, device=self.pos.device)  # tokens fetched, recomputed, rows lost
 
     def static_key(self) -> tuple[bool, bool]:
