@@ -248,6 +248,11 @@ class Policy(abc.ABC):
         slots in a static decode step); by default every key."""
         return n
 
+    def max_selected_old(self, n: int) -> int:
+        """A bound on the keys outside the recent window (:meth:`recent_count`) that any query at a
+        position < ``n`` selects: what the runtime may fetch when the window stays on the device."""
+        return self.max_selected(n)
+
     def recent_count(self, n):
         """Size of the recent (local) window at length ``n``: the runtime keeps it on the device."""
         return self.half_count(n)
@@ -441,6 +446,9 @@ class TwoPart(Policy):
 
     def max_selected(self, n):
         return min(n, max(2 * self.half_count(n), self.dense_horizon))  # k recent + k scored, or a dense row
+
+    def max_selected_old(self, n):
+        return min(n, max(self.half_count(n), self.dense_horizon))  # the k scored (recent_count is the k recent)
 
     @abc.abstractmethod
     def score(self, state: PolicyState) -> torch.Tensor:

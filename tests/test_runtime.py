@@ -112,10 +112,10 @@ def test_static_step_with_offload_and_recompute_plans(policy, kw, monkeypatch):
 
 def test_a_wrong_selection_bound_is_an_error_not_wrong_tokens(monkeypatch):
     """The static step counts, on the device, rows that selected more host keys than its fetch
-    slots (``Policy.max_selected`` too small): the run ends with one line saying so."""
+    slots (``Policy.max_selected_old`` too small): the run ends with one line saying so."""
     from alisa.policies import TwoPart
 
-    monkeypatch.setattr(TwoPart, "max_selected", lambda self, n: 1)
+    monkeypatch.setattr(TwoPart, "max_selected_old", lambda self, n: 1)
     model = tiny_model("llama")
     ids, mask = padded_batch(24)
     with pytest.raises(RuntimeError, match=r"selected more off-device keys than its 1 fetch slots") as e:

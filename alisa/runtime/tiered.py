@@ -300,7 +300,8 @@ class Pool:
         """Store m tokens per row (in this pool's encoding, (B, H, m, D); valid (B, m)) in each
         row's first m free columns of a :meth:`fix`-ed pool: no host index, no compaction, the same
         ops whatever the data (a CUDA graph may replay it; done where the data is). The caller
-        guarantees each row has room. Returns the columns (B, m; -1 where invalid)."""
+        guarantees each row has room for its valid tokens (they come first in the row, as from
+        :func:`rows_of`). Returns the columns (B, m; -1 where invalid)."""
         B, m = valid.shape
         if not self.buf:
             self.buf = {k: self._zeros(v, self.fixed) for k, v in enc.items()}
@@ -312,10 +313,12 @@ class Pool:
             cols = (~live).to(torch.uint8).argmax(1, keepdim=True)  # the first free column
         else:
             cols = torch.sort(live.to(torch.int8), dim=1, stable=True).indices[:, :m]
-        for k, v in enc.items():  # an invalid token's column is written but stays free (finite data)
+        # a row's invalid tokens (after its valid ones) may land on live columns: they write back what is there
+        for k, v in enc.items():
             b = bufs[k]
-            b.scatter_(2, cols[:, None, :, None].expand(B, b.shape[1], m, b.shape[3]), v)
-        live.scatter_(1, cols, valid)
+            where = cols[:, None, :, None].expand(B, b.shape[1], m, b.shape[3])
+            b.scatter_(2, where, torch.where(valid[:, None, :, None], v, b.gather(2, where)))
+        live.scatter_(1, cols, valid | live.gather(1, cols))
         return torch.where(valid, cols, -1)
 
     def read_on(self, cols: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -473,15 +476,17 @@ class TieredStore:
         """Fix every shape of the decode step for ``new_tokens`` more tokens (the step a CUDA graph
         can capture and replay): compact the slots once and give them room for all of them now
         (empty slots: position -1, zero policy state), and fix each pool's columns (:meth:`Pool.fix`):
-        the device pool at what it holds plus ``new_tokens``, the host pools at one column per slot.
+        the device pool at what it holds plus ``new_tokens``, the host KV pool at what ``plan`` can
+        put off the device (below), the host input pool at one column per slot.
         From then on :meth:`append` writes at device-side indices and free columns, :meth:`evict`
         never compacts, and host tokens are fetched into ``F`` fixed slots per row (F bounds what
-        one query selects, :meth:`Policy.max_selected`), masked where unused: every step issues the
+        one query selects off the device: :meth:`Policy.max_selected`, or ``max_selected_old`` when
+        the plan keeps the recent window on the device), masked where unused: every step issues the
         same ops on the same buffers as long as the plan's phase does not change. The tiers move
         outside the step (:meth:`schedule`, run between steps). No INT8.
 
-        ``F`` is also at most what ``plan`` can put off the device: :meth:`schedule` keeps the
-        host and deleted tokens of a row at floor(alpha * non-local tokens) <= floor(alpha * n_max)."""
+        What ``plan`` can put off the device bounds the host pool and ``F``: :meth:`schedule` keeps
+        the host and deleted tokens of a row at floor(alpha * non-local tokens) <= floor(alpha * n_max)."""
         if self.dev.int8:
             raise ValueError("a static decode step needs KV without INT8")
         self._compact(self.pos >= 0)
@@ -494,13 +499,15 @@ class TieredStore:
         for name in ("pos", "loc", "xloc"):
             self.slots.slot[name][:, C:] = -1
         total = C + new_tokens
-        self.loc = _remap(self.loc, self.tier == HOST, self.host.fix(total))
+        off = total if plan is None or self.n_max is None else min(total, math.floor(plan.alpha * self.n_max))
+        on_host = int(((self.pos >= 0) & (self.tier == HOST)).sum(1).max())
+        self.loc = _remap(self.loc, self.tier == HOST, self.host.fix(max(off, on_host)))
         self.xloc = _remap(self.xloc, self.xloc >= 0, self.xs.fix(total))
         self._at = torch.full((1,), C, dtype=torch.long, device=self.pos.device)
-        bound = [total]
-        if self.n_max is not None:
-            bound += [self.policy.max_selected(self.n_max)] + ([math.floor(plan.alpha * self.n_max)] if plan is not None else [])
-        self.fetch_slots = min(bound)
+        if self.n_max is not None:  # with the recent window on the device only older selected keys are off it
+            sel = self.policy.max_selected_old if plan is not None and plan.local_on_device else self.policy.max_selected
+            off = min(off, sel(self.n_max))
+        self.fetch_slots = off
         self._moved = torch.zeros(3, dtype=torch.long, device=self.pos.device)  # tokens fetched, recomputed, rows lost
 
     def static_key(self) -> tuple[bool, bool]:
@@ -691,7 +698,7 @@ class TieredStore:
             fetched, recomputed, lost = self._moved.tolist()
             if lost:
                 raise RuntimeError(f"a static decode step selected more off-device keys than its {self.fetch_slots} fetch "
-                                   f"slots ({lost} row-steps; {self.policy!r}.max_selected is not a bound): its tokens are wrong")
+                                   f"slots ({lost} row-steps; {self.policy!r}.max_selected(_old) is not a bound): its tokens are wrong")
             self.traffic.tokens_fetched += fetched
             self.traffic.tokens_recomputed += recomputed
             self._moved.zero_()
@@ -774,8 +781,13 @@ class TieredStore:
         raw = self.link.offload(self.dev.read_raw(cols), self.traffic)
         self.traffic.d2h_bytes += _nbytes(raw.values())
         self.dev.free(cols, valid)
-        if self.static:  # the host pool has a column for every slot
-            new_cols = self.host.write_free(raw, valid.to(self.host.device)).to(self.loc.device)
+        if self.static:  # the host pool was sized for what the plan can offload (make_static)
+            hvalid = valid.to(self.host.device)
+            held = 0 if self.host.live is None else self.host.live.sum(1)
+            if bool((held + hvalid.sum(1) > self.host.fixed).any()):
+                raise RuntimeError(f"the static host pool ({self.host.fixed} columns per row) cannot hold what the plan "
+                                   "offloads: make_static's bound is wrong")
+            new_cols = self.host.write_free(raw, hvalid).to(self.loc.device)
         else:
             new_cols, remap = self.host.write_raw(raw, valid)  # both pools share one encoding
             self.loc = _remap(self.loc, self.tier == HOST, remap)
