@@ -301,7 +301,8 @@ class Pool:
         row's first m free columns of a :meth:`fix`-ed pool: no host index, no compaction, the same
         ops whatever the data (a CUDA graph may replay it; done where the data is). The caller
         guarantees each row has room for its valid tokens (they come first in the row, as from
-        :func:`rows_of`). Returns the columns (B, m; -1 where invalid)."""
+        :func:`rows_of`), and for one token a free column in every row. Returns the columns
+        (B, m; -1 where invalid)."""
         B, m = valid.shape
         if not self.buf:
             self.buf = {k: self._zeros(v, self.fixed) for k, v in enc.items()}
@@ -309,10 +310,14 @@ class Pool:
             self.used = self.fixed
         bufs, live = self._on(next(iter(enc.values())).device)
         valid = valid.to(live.device)
-        if m == 1:
-            cols = (~live).to(torch.uint8).argmax(1, keepdim=True)  # the first free column
-        else:
-            cols = torch.sort(live.to(torch.int8), dim=1, stable=True).indices[:, :m]
+        if m == 1:  # one token: the first free column (every row has one), written whatever its validity
+            cols = (~live).to(torch.uint8).argmax(1, keepdim=True)
+            for k, v in enc.items():
+                b = bufs[k]
+                b.scatter_(2, cols[:, None, :, None].expand(B, b.shape[1], 1, b.shape[3]), v)
+            live.scatter_(1, cols, valid)
+            return torch.where(valid, cols, -1)
+        cols = torch.sort(live.to(torch.int8), dim=1, stable=True).indices[:, :m]
         # a row's invalid tokens (after its valid ones) may land on live columns: they write back what is there
         for k, v in enc.items():
             b = bufs[k]
