@@ -103,12 +103,12 @@ class TieredCache(AlisaCache):
         for ts in self.tiered:
             ts.make_static(self.reserve, self.plan)
 
-    def between_steps(self, step: int, ran: bool) -> None:
-        """A static decode: count the step that ran (if one did) and move the tiers as the plan
-        says for decode step ``step`` (what the eager step does after each layer's attention)."""
+    def between_steps(self, step: int) -> None:
+        """A static decode, after its forward ``step``: count the step's transfers and move the
+        tiers as the plan says for the next one (what the eager step does after each layer's
+        attention; the prompt's forward ran its own schedule)."""
         for ts in self.tiered:
-            if ran:
-                ts.static_step_traffic()
+            ts.static_step_traffic()
             ts.schedule(self.plan, step, self.n_real)
 
     def static_key(self) -> tuple:
@@ -399,8 +399,8 @@ class Engine:
                 peak: dict[str, int] = {}
 
                 def before(j: int) -> None:  # what the tiers hold going into decode step j - 1
-                    if self.static:  # the tiers move between the fixed steps
-                        cache.between_steps(j - 1, ran=j > 1)
+                    if self.static and j > 1:  # the tiers move between the fixed steps
+                        cache.between_steps(j - 1)
                     self._track(peak, cache.kv_bytes())
                     tiers.append(cache.counts())
                     phases.append(self.plan.phase(j - 1))
@@ -413,7 +413,7 @@ class Engine:
                 tokens, steps, logits = greedy_steps(step, last.argmax(-1), mask, cache, max_new_tokens, before, keep_logits,
                                                      static=self.static)
                 if self.static and max_new_tokens > 1:
-                    cache.between_steps(max_new_tokens - 1, ran=True)
+                    cache.between_steps(max_new_tokens - 1)
                 if self.static:
                     extra["graph"] = step.status if isinstance(step, Replayed) else "eager (no CUDA graphs on the CPU)"
                 if keep_logits:

@@ -290,7 +290,7 @@ class Pool:
         pinned pool used from a CUDA device, their mapped aliases (:func:`_mapped`: the device
         reads and writes host memory over the link, no copy and no host step, so a CUDA graph
         can replay it)."""
-        if self.fixed is None or self.device == device:
+        if self.fixed is None or self.device.type == torch.device(device).type:
             return self.buf, self.live
         if self._mapped is None:
             self._mapped = ({k: _mapped(v, device) for k, v in self.buf.items()}, _mapped(self.live, device))
