@@ -15,7 +15,7 @@ generated the same tokens, and writes results/bench_static/<tag>.json.
 
 from __future__ import annotations
 
-import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alisa.config import OneLineArgumentParser  # noqa: E402
 from alisa.models import load_model  # noqa: E402
 from alisa.results import REPO, hardware, versions, write_json  # noqa: E402
 from alisa.runtime.engine import Engine, dense_prefill  # noqa: E402
@@ -38,13 +39,19 @@ BOUND = 1.05  # "not slower", with 5% for this machine's drift (as scripts/bench
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="python scripts/bench_static.py", description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(prog="python scripts/bench_static.py", description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--new", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tag", default=None)
     a = ap.parse_args()
+    for k in ("batch", "prompt", "new", "rounds"):
+        v, least = getattr(a, k), 2 if k == "new" else 1  # new: the prompt's token plus at least one decode step
+        if v < least:
+            ap.error(f"--{k}={v} is invalid: allowed is an integer >= {least}")
+    if a.tag is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", a.tag):
+        ap.error(f"--tag={a.tag!r} is invalid: allowed are letters, digits, '.', '_' and '-' (it names the JSON file)")
     model, tok = load_model("smollm2-135m", device="cpu")
     ids = workload_prompts(tok, a.batch, a.prompt, seed=0)
     pf = dense_prefill(model, ids)

@@ -97,3 +97,15 @@ def test_bad_input_is_one_line(tmp_path, args, needle):
     lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stdout + r.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,msg", [(["--new", "1"], "--new=1 is invalid: allowed is an integer >= 2"),
+                                      (["--rounds", "0"], "--rounds=0 is invalid: allowed is an integer >= 1"),
+                                      (["--tag", "../x"], "--tag='../x' is invalid")])
+def test_bench_static_bad_input_is_one_line(args, msg):
+    """scripts/bench_static.py checks its arguments before loading anything: one line, exit 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_static.py"), *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env=env)
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stdout + r.stderr
