@@ -328,7 +328,7 @@ class Local(Policy):
         return causal(pos, t) & (pos > t - self.full_count(t + 1))
 
     def max_selected(self, n):
-        return min(n, self.full_count(n))
+        return int(self.expected_selected(n))  # exact: the K most recent
 
     def retain(self, pos, t_next, state):
         # The window's left edge never moves back (K grows by at most 1 per step).
@@ -379,7 +379,7 @@ class Sinks(Policy):
     expected_selected = expected_held
 
     def max_selected(self, n):
-        return min(n, max(self.full_count(n), self.n_sinks + 1))
+        return int(self.expected_selected(n))  # exact: the sinks plus the recent ones
 
     def _recent(self, t):
         return torch.clamp(self.full_count(t + 1), min=self.n_sinks + 1) - self.n_sinks

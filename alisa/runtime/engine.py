@@ -412,9 +412,9 @@ class Engine:
                     step = Replayed(model, cache.static_key) if dev.type == "cuda" else model
                 tokens, steps, logits = greedy_steps(step, last.argmax(-1), mask, cache, max_new_tokens, before, keep_logits,
                                                      static=self.static)
-                if self.static and max_new_tokens > 1:
-                    cache.between_steps(max_new_tokens - 1)
                 if self.static:
+                    if max_new_tokens > 1:
+                        cache.between_steps(max_new_tokens - 1)
                     extra["graph"] = step.status if isinstance(step, Replayed) else "eager (no CUDA graphs on the CPU)"
                 if keep_logits:
                     extra["logits"] = torch.stack([last.float(), *logits], 1)

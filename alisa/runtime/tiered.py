@@ -260,8 +260,7 @@ class Pool:
         B, m = valid.shape
         remap = None
         if not self.buf:
-            self.buf = {k: self._zeros(v, 0) for k, v in enc.items()}
-            self.live = torch.zeros(B, 0, dtype=torch.bool, device=self.device)
+            self._allocate(enc, B, 0)
         if self.used + m > self.capacity:
             remap = self.compact(extra=m)
         u = self.used
@@ -305,8 +304,7 @@ class Pool:
         (B, m; -1 where invalid)."""
         B, m = valid.shape
         if not self.buf:
-            self.buf = {k: self._zeros(v, self.fixed) for k, v in enc.items()}
-            self.live = torch.zeros(B, self.fixed, dtype=torch.bool, pin_memory=self.pinned, device=self.device)
+            self._allocate(enc, B, self.fixed)
             self.used = self.fixed
         bufs, live = self._on(next(iter(enc.values())).device)
         valid = valid.to(live.device)
@@ -330,6 +328,11 @@ class Pool:
         """:meth:`read_raw` by a gather on ``cols``' device (a fixed pinned pool: from its mapped
         aliases), as stored: a static decode step's fetch, (B, H, m, D) per buffer."""
         return {k: _take(v, cols) for k, v in self._on(cols.device)[0].items()}
+
+    def _allocate(self, enc: dict[str, torch.Tensor], batch: int, cap: int) -> None:
+        """The first buffers, like ``enc``'s, with ``cap`` free columns."""
+        self.buf = {k: self._zeros(v, cap) for k, v in enc.items()}
+        self.live = torch.zeros(batch, cap, dtype=torch.bool, device=self.device, pin_memory=self.pinned)
 
     def _zeros(self, like: torch.Tensor, cap: int) -> torch.Tensor:
         """A zeroed buffer (B, H, cap, D) like ``like``; zero, not empty: attention multiplies
@@ -405,11 +408,14 @@ class Pool:
     def bytes_allocated(self) -> int:
         return _nbytes(self.buf.values())
 
+    def bytes_per_column(self) -> int:
+        """Bytes of one row's column (one token), every buffer."""
+        return sum(v.shape[1] * v.shape[3] * v.element_size() for v in self.buf.values())
+
     def bytes_live(self) -> int:
         if not self.buf:
             return 0
-        per_col = sum(v.shape[1] * v.shape[3] * v.element_size() for v in self.buf.values())  # one row, one column
-        return int(self.live.sum()) * per_col  # columns past ``used`` are never live
+        return int(self.live.sum()) * self.bytes_per_column()  # columns past ``used`` are never live
 
 
 class TieredStore:
@@ -495,8 +501,7 @@ class TieredStore:
         if self.dev.int8:
             raise ValueError("a static decode step needs KV without INT8")
         self._compact(self.pos >= 0)
-        held = int(((self.pos >= 0) & (self.tier == DEVICE)).sum(1).max())
-        self.loc = _remap(self.loc, self.tier == DEVICE, self.dev.fix(held + new_tokens))
+        self.loc = _remap(self.loc, self.tier == DEVICE, self.dev.fix(self._most(DEVICE) + new_tokens))
         C = self.used
         for slots in (self.slots, self.state):
             if slots is not None:
@@ -505,8 +510,7 @@ class TieredStore:
             self.slots.slot[name][:, C:] = -1
         total = C + new_tokens
         off = total if plan is None or self.n_max is None else min(total, math.floor(plan.alpha * self.n_max))
-        on_host = int(((self.pos >= 0) & (self.tier == HOST)).sum(1).max())
-        self.loc = _remap(self.loc, self.tier == HOST, self.host.fix(max(off, on_host)))
+        self.loc = _remap(self.loc, self.tier == HOST, self.host.fix(max(off, self._most(HOST))))
         self.xloc = _remap(self.xloc, self.xloc >= 0, self.xs.fix(total))
         self._at = torch.full((1,), C, dtype=torch.long, device=self.pos.device)
         if self.n_max is not None:  # with the recent window on the device only older selected keys are off it
@@ -515,10 +519,14 @@ class TieredStore:
         self.fetch_slots = off
         self._moved = torch.zeros(3, dtype=torch.long, device=self.pos.device)  # tokens fetched, recomputed, rows lost
 
+    def _most(self, tier: int) -> int:
+        """The most live tokens any row holds in ``tier`` (a read-back)."""
+        return int(((self.pos >= 0) & (self.tier == tier)).sum(1).max())
+
     def static_key(self) -> tuple[bool, bool]:
         """What the static step does besides attending the device pool: (fetch host keys,
         recompute deleted ones). A captured step is replayed only while this stays the same."""
-        return bool(self.host.buf), self._gone
+        return self.host.used > 0, self._gone
 
     def _write_x(self, xv: torch.Tensor, valid: torch.Tensor) -> None:
         """xv (B, m, hidden) for new logical slots (the last m) -> host x pool (a real copy)."""
@@ -535,7 +543,7 @@ class TieredStore:
             self.policy.observe_keys(self.state, k, pos)
         if self.static:  # the slot was made ready and the pools have a free column per row
             self.pos.index_copy_(1, self._at, pos)
-            self.loc.index_copy_(1, self._at, self.dev.write_free(self.dev._encode({"k": k, "v": v}), valid))
+            self.loc.index_copy_(1, self._at, self.dev.write_free({"k": k, "v": v}, valid))  # no INT8 here
             if x is not None:
                 self.xloc.index_copy_(1, self._at, self.xs.write_free({"x": x[:, None]}, valid))
             self._at += 1
@@ -615,8 +623,9 @@ class TieredStore:
         xk, xv = [], []
         ahead, self._ahead = self._ahead, None
         if self.static:
-            parts = (self._fetched_static(sel & (self.tier == HOST), query.dtype) if self.host.used else None,
-                     self._recomputed_static(sel & (self.tier == GONE), recompute) if self._gone else None)
+            fetch, recomputes = self.static_key()
+            parts = (self._fetched_static(sel & (self.tier == HOST), query.dtype) if fetch else None,
+                     self._recomputed_static(sel & (self.tier == GONE), recompute) if recomputes else None)
         else:
             parts = (self._fetched(sel & (self.tier == HOST), t, ahead, query.dtype),
                      self._recomputed(sel & (self.tier == GONE), recompute, query.device))
@@ -689,13 +698,13 @@ class TieredStore:
         tensors (the fixed fetch slots, the new token's input), so the bytes are known from their
         shapes; the tokens among them that were real are counted on the device (:meth:`settle_static`)."""
         B, F = self.pos.shape[0], self.fetch_slots
-        per_slot = lambda pool: sum(v.shape[1] * v.shape[3] * v.element_size() for v in pool.buf.values())  # noqa: E731
-        if self.host.used:
-            self.traffic.h2d_bytes += B * F * per_slot(self.host)
-        if self._gone:
-            self.traffic.h2d_bytes += B * F * per_slot(self.xs)
-        if self.xs.used:
-            self.traffic.d2h_bytes += B * per_slot(self.xs)
+        fetch, recompute = self.static_key()
+        if fetch:
+            self.traffic.h2d_bytes += B * F * self.host.bytes_per_column()
+        if recompute:
+            self.traffic.h2d_bytes += B * F * self.xs.bytes_per_column()
+        if self.xs.used:  # the new token's input
+            self.traffic.d2h_bytes += B * self.xs.bytes_per_column()
 
     def settle_static(self) -> None:
         """Add the tokens the static steps fetched and recomputed (device-side counts) to the traffic."""
