@@ -103,17 +103,40 @@ class TieredCache(AlisaCache):
         for ts in self.tiered:
             ts.make_static(self.reserve, self.plan)
 
+    def steady_phase(self, step: int) -> int | None:
+        """The plan's phase at decode ``step`` if the tiers move in it and it was in effect the step
+        before too: then the fixed step moves them itself (:meth:`static_step`); None otherwise."""
+        phase = self.plan.phase(step)
+        return phase if phase > 1 and self.plan.phase(step - 1) == phase else None
+
+    def static_step(self, model):
+        """The fixed-shape decode step: ``model``'s forward, then every layer's tier moves for the
+        next step in fixed widths (:meth:`TieredStore.schedule_static`) in a steady phase; one
+        callable, so a CUDA graph captures both."""
+        def step(**inputs):
+            out = model(**inputs)
+            phase = self.steady_phase(self.step)
+            if phase is not None:
+                for ts in self.tiered:
+                    ts.schedule_static(self.plan, phase, self.n_real)
+            return out
+        return step
+
     def between_steps(self, step: int) -> None:
-        """A static decode, after its forward ``step``: count the step's transfers and move the
-        tiers as the plan says for the next one (what the eager step does after each layer's
-        attention; the prompt's forward ran its own schedule)."""
-        for ts in self.tiered:
-            ts.static_step_traffic()
-            ts.schedule(self.plan, step, self.n_real)
+        """A static decode, after its step ``step``: count the step's transfers and, where the
+        step did not (a phase starts: its first move is large; a layer's rows had more to move than
+        its fixed slots), move the tiers as the plan says for the next one (what the eager step
+        does after each layer's attention; the prompt's forward ran its own schedule)."""
+        steady = self.steady_phase(step) is not None
+        late = torch.stack([ts.late for ts in self.tiered]).tolist() if steady else [1] * len(self.tiered)  # one read-back
+        for ts, n in zip(self.tiered, late):
+            ts.static_step_traffic(steady)
+            if n:  # rows the step's fixed-width moves could not finish (or a phase starts)
+                ts.schedule(self.plan, step, self.n_real)
 
     def static_key(self) -> tuple:
-        """What every layer's static step does (:meth:`TieredStore.static_key`)."""
-        return tuple(ts.static_key() for ts in self.tiered)
+        """What the static step does (:meth:`TieredStore.static_key` of every layer, and its tier moves)."""
+        return (self.steady_phase(self.step), *(ts.static_key() for ts in self.tiered))
 
     def kv_bytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -171,6 +194,7 @@ class Generation:
             "tokens_offloaded": self.traffic.tokens_offloaded, "tokens_fetched": self.traffic.tokens_fetched,
             "tokens_deleted": self.traffic.tokens_deleted, "tokens_recomputed": self.traffic.tokens_recomputed,
             "prefetch_hits": self.traffic.prefetch_hits, "prefetch_misses": self.traffic.prefetch_misses,
+            "moves_late": self.traffic.moves_late,
             "seconds_transfer": self.traffic.seconds["transfer"], "seconds_recompute": self.traffic.seconds["recompute"],
             "seconds_gather": self.traffic.seconds.get("gather"),
             "kept_fraction": self.kept_fraction, "peak_rss_bytes": self.peak_rss_bytes,
@@ -197,12 +221,13 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_steps(model, tok: torch.Tensor, mask: torch.Tensor, cache, new_tokens: int, before=None,
-                 keep_logits: bool = False, static: bool = False) -> tuple[list[torch.Tensor], list[float], list[torch.Tensor]]:
+                 keep_logits: bool = False, static: bool = False, after=None) -> tuple[list[torch.Tensor], list[float], list[torch.Tensor]]:
     """The loop greedy ``generate`` runs after the prompt: one token per forward, each timed.
 
     ``tok`` (B,) is the token the prompt produced; ``before(j)`` runs ahead of forward ``j``
-    (untimed). Returns the tokens (``tok`` first), the per-step seconds and, with
-    ``keep_logits``, each step's last-position logits.
+    (untimed: measurement), ``after(j)`` right after it (timed: part of the step). Returns the
+    tokens (``tok`` first), the per-step seconds and, with ``keep_logits``, each step's
+    last-position logits.
 
     ``static``: every forward gets the same input buffers, updated in place (the token, its
     position, a one-column padding mask: decode tokens are real), as a captured graph needs;
@@ -224,6 +249,8 @@ def greedy_steps(model, tok: torch.Tensor, mask: torch.Tensor, cache, new_tokens
         t0 = time.perf_counter()
         out = model(**inputs, cache=cache, use_cache=True)
         tok = out.logits[:, -1].argmax(-1)
+        if after is not None:
+            after(j)
         _sync(dev)
         steps.append(time.perf_counter() - t0)
         tokens.append(tok)
@@ -399,22 +426,19 @@ class Engine:
                 peak: dict[str, int] = {}
 
                 def before(j: int) -> None:  # what the tiers hold going into decode step j - 1
-                    if self.static and j > 1:  # the tiers move between the fixed steps
-                        cache.between_steps(j - 1)
                     self._track(peak, cache.kv_bytes())
                     tiers.append(cache.counts())
                     phases.append(self.plan.phase(j - 1))
                     cache.step = j
 
-                step, extra = model, {"linear": linear}
+                step, after, extra = model, None, {"linear": linear}
                 if self.static:
                     cache.make_static()
-                    step = Replayed(model, cache.static_key) if dev.type == "cuda" else model
+                    step, after = cache.static_step(model), cache.between_steps
+                    step = Replayed(step, cache.static_key) if dev.type == "cuda" else step
                 tokens, steps, logits = greedy_steps(step, last.argmax(-1), mask, cache, max_new_tokens, before, keep_logits,
-                                                     static=self.static)
+                                                     static=self.static, after=after)
                 if self.static:
-                    if max_new_tokens > 1:
-                        cache.between_steps(max_new_tokens - 1)
                     extra["graph"] = step.status if isinstance(step, Replayed) else "eager (no CUDA graphs on the CPU)"
                 if keep_logits:
                     extra["logits"] = torch.stack([last.float(), *logits], 1)

@@ -29,6 +29,9 @@ from ..policies import Policy, PolicyState
 from .quant import dequantize, quantize_tensors
 
 DEVICE, HOST, GONE = 0, 1, 2
+# a static step's device-side counters (TieredStore._moved): tokens fetched, recomputed; rows whose
+# selection did not fit the fetch slots (an error); tokens offloaded, deleted; rows whose moves were late
+FETCHED, RECOMPUTED, LOST, OFFLOADED, DELETED, LATE = range(6)
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,12 @@ class Traffic:
     tokens_recomputed: int = 0
     prefetch_hits: int = 0  # layer steps whose host keys were fetched ahead, exactly the ones selected
     prefetch_misses: int = 0  # layer steps whose fetch ahead was not what the step selected (fetched again)
+    moves_late: int = 0  # static step: row layer-steps whose tier moves exceeded its move slots (done a step later)
     seconds: dict[str, float] = field(default_factory=lambda: {"transfer": 0.0, "recompute": 0.0})
 
     def add(self, other: "Traffic") -> None:
         for k in ("d2h_bytes", "h2d_bytes", "tokens_offloaded", "tokens_fetched", "tokens_deleted", "tokens_recomputed",
-                  "prefetch_hits", "prefetch_misses"):
+                  "prefetch_hits", "prefetch_misses", "moves_late"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         for k, v in other.seconds.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
@@ -295,17 +299,16 @@ class Pool:
             self._mapped = ({k: _mapped(v, device) for k, v in self.buf.items()}, _mapped(self.live, device))
         return self._mapped
 
-    def write_free(self, enc: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    def write_free(self, enc: dict[str, torch.Tensor], valid: torch.Tensor, spare: bool = False) -> torch.Tensor:
         """Store m tokens per row (in this pool's encoding, (B, H, m, D); valid (B, m)) in each
         row's first m free columns of a :meth:`fix`-ed pool: no host index, no compaction, the same
         ops whatever the data (a CUDA graph may replay it; done where the data is). The caller
         guarantees each row has room for its valid tokens (they come first in the row, as from
-        :func:`rows_of`), and for one token a free column in every row. Returns the columns
-        (B, m; -1 where invalid)."""
+        :func:`rows_of`), and for one token a free column in every row; ``spare``: every row has m
+        free columns, so invalid tokens land on free columns too (written as they are, no read of
+        what is there). Returns the columns (B, m; -1 where invalid)."""
         B, m = valid.shape
-        if not self.buf:
-            self._allocate(enc, B, self.fixed)
-            self.used = self.fixed
+        self.ensure(enc, B)
         bufs, live = self._on(next(iter(enc.values())).device)
         valid = valid.to(live.device)
         if m == 1:  # one token: the first free column (every row has one), written whatever its validity
@@ -316,18 +319,24 @@ class Pool:
             live.scatter_(1, cols, valid)
             return torch.where(valid, cols, -1)
         cols = torch.sort(live.to(torch.int8), dim=1, stable=True).indices[:, :m]
-        # a row's invalid tokens (after its valid ones) may land on live columns: they write back what is there
+        # without spare columns a row's invalid tokens (after its valid ones) may land on live columns: they write back what is there
         for k, v in enc.items():
             b = bufs[k]
             where = cols[:, None, :, None].expand(B, b.shape[1], m, b.shape[3])
-            b.scatter_(2, where, torch.where(valid[:, None, :, None], v, b.gather(2, where)))
-        live.scatter_(1, cols, valid | live.gather(1, cols))
+            b.scatter_(2, where, v if spare else torch.where(valid[:, None, :, None], v, b.gather(2, where)))
+        live.scatter_(1, cols, valid if spare else valid | live.gather(1, cols))
         return torch.where(valid, cols, -1)
 
     def read_on(self, cols: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`read_raw` by a gather on ``cols``' device (a fixed pinned pool: from its mapped
         aliases), as stored: a static decode step's fetch, (B, H, m, D) per buffer."""
         return {k: _take(v, cols) for k, v in self._on(cols.device)[0].items()}
+
+    def ensure(self, like: dict[str, torch.Tensor], batch: int) -> None:
+        """A :meth:`fix`-ed pool's buffers, like ``like``'s (in this pool's encoding), if it has none yet."""
+        if not self.buf:
+            self._allocate(like, batch, self.fixed)
+            self.used = self.fixed
 
     def _allocate(self, enc: dict[str, torch.Tensor], batch: int, cap: int) -> None:
         """The first buffers, like ``enc``'s, with ``cap`` free columns."""
@@ -440,7 +449,9 @@ class TieredStore:
         self._gone = False  # whether any token was ever deleted (skips the recompute part otherwise)
         self._at: torch.Tensor | None = None  # static: the logical slot the next token takes (make_static)
         self.fetch_slots = 0  # static: host (or deleted) keys one step can fetch (recompute) per row
-        self._moved: torch.Tensor | None = None  # static: tokens fetched, recomputed, rows that did not fit (device-side)
+        self.move_slots = 0  # static: tokens one step's schedule can offload per row
+        self._moved: torch.Tensor | None = None  # static: the device-side counters (FETCHED ... LATE)
+        self.late: torch.Tensor | None = None
 
     pos = property(lambda self: self.slots.slot.get("pos"), lambda self, v: self.slots.slot.__setitem__("pos", v))
     tier = property(lambda self: self.slots.slot.get("tier"), lambda self, v: self.slots.slot.__setitem__("tier", v))
@@ -493,11 +504,14 @@ class TieredStore:
         never compacts, and host tokens are fetched into ``F`` fixed slots per row (F bounds what
         one query selects off the device: :meth:`Policy.max_selected`, or ``max_selected_old`` when
         the plan keeps the recent window on the device), masked where unused: every step issues the
-        same ops on the same buffers as long as the plan's phase does not change. The tiers move
-        outside the step (:meth:`schedule`, run between steps). No INT8.
+        same ops on the same buffers as long as the plan's phase does not change. In a phase that
+        was already in effect the step before, the tiers move in fixed widths too
+        (:meth:`schedule_static`: at most ``move_slots`` tokens offloaded per row); the first move
+        of a phase, which is large, is :meth:`schedule`'s, outside the fixed step. No INT8.
 
         What ``plan`` can put off the device bounds the host pool and ``F``: :meth:`schedule` keeps
-        the host and deleted tokens of a row at floor(alpha * non-local tokens) <= floor(alpha * n_max)."""
+        the host and deleted tokens of a row at floor(alpha * non-local tokens) <= floor(alpha * n_max);
+        the host pool has ``move_slots`` spare columns on top (a fixed-width offload writes there)."""
         if self.dev.int8:
             raise ValueError("a static decode step needs KV without INT8")
         self._compact(self.pos >= 0)
@@ -510,14 +524,18 @@ class TieredStore:
             self.slots.slot[name][:, C:] = -1
         total = C + new_tokens
         off = total if plan is None or self.n_max is None else min(total, math.floor(plan.alpha * self.n_max))
-        self.loc = _remap(self.loc, self.tier == HOST, self.host.fix(max(off, self._most(HOST))))
+        self.move_slots = min(self.MOVE_SLOTS, off) if plan is not None and not plan.device_only else 0
+        self.loc = _remap(self.loc, self.tier == HOST, self.host.fix(max(off, self._most(HOST)) + self.move_slots))
         self.xloc = _remap(self.xloc, self.xloc >= 0, self.xs.fix(total))
         self._at = torch.full((1,), C, dtype=torch.long, device=self.pos.device)
         if self.n_max is not None:  # with the recent window on the device only older selected keys are off it
             sel = self.policy.max_selected_old if plan is not None and plan.local_on_device else self.policy.max_selected
             off = min(off, sel(self.n_max))
         self.fetch_slots = off
-        self._moved = torch.zeros(3, dtype=torch.long, device=self.pos.device)  # tokens fetched, recomputed, rows lost
+        self._moved = torch.zeros(LATE + 1, dtype=torch.long, device=self.pos.device)
+        self.late = torch.zeros((), dtype=torch.long, device=self.pos.device)  # rows the last schedule_static left to schedule
+        if plan is not None and plan.phase(0) > 1:  # the prompt's schedule (decode step 0) began a phase
+            self._enter(plan.phase(0))
 
     def _most(self, tier: int) -> int:
         """The most live tokens any row holds in ``tier`` (a read-back)."""
@@ -670,32 +688,37 @@ class TieredStore:
         self.traffic.seconds["recompute"] += _now(device) - t1
         return idx, valid, k, v
 
-    def _first(self, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`rows_of` at the fixed width ``fetch_slots`` (no read-back): each row's first
-        selected slots (B, F) and their validity."""
-        idx = torch.sort((~want).to(torch.int8), dim=1, stable=True).indices[:, :self.fetch_slots]
-        self._moved[2] += (want.sum(1) > self.fetch_slots).sum()  # rows whose selection did not fit (an error)
+    def _first(self, want: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`rows_of` at a fixed ``width`` (no read-back): each row's first wanted slots
+        (B, width) and their validity."""
+        idx = torch.sort((~want).to(torch.int8), dim=1, stable=True).indices[:, :width]
         return idx, want.gather(1, idx)
+
+    def _fetch_first(self, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_first` for the fetch slots; a row selecting more off the device is an error (counted)."""
+        self._moved[LOST] += (want.sum(1) > self.fetch_slots).sum()
+        return self._first(want, self.fetch_slots)
 
     def _fetched_static(self, want: torch.Tensor, dtype: torch.dtype):
         """:meth:`_fetched` in fixed shapes: the host slots ``want`` gathered by the device into
         ``fetch_slots`` columns per row (unused ones read column 0 and are masked)."""
-        idx, valid = self._first(want)
+        idx, valid = self._fetch_first(want)
         kv = self.host.decode(self.host.read_on(torch.where(valid, self.loc.gather(1, idx), 0)), dtype)
-        self._moved[0] += valid.sum()
+        self._moved[FETCHED] += valid.sum()
         return idx, valid, kv["k"], kv["v"]
 
     def _recomputed_static(self, want: torch.Tensor, recompute):
         """:meth:`_recomputed` in fixed shapes: ``fetch_slots`` inputs per row read and recomputed."""
-        idx, valid = self._first(want)
+        idx, valid = self._fetch_first(want)
         x = self.xs.read_on(torch.where(valid, self.xloc.gather(1, idx), 0))["x"]
         k, v = recompute(x[:, 0], self.pos.gather(1, idx).clamp(min=0))
-        self._moved[1] += valid.sum()
+        self._moved[RECOMPUTED] += valid.sum()
         return idx, valid, k, v
 
-    def static_step_traffic(self) -> None:
+    def static_step_traffic(self, moved: bool) -> None:
         """Count one replayed (or run) static decode step's transfers: every step moves the same
-        tensors (the fixed fetch slots, the new token's input), so the bytes are known from their
+        tensors (the fixed fetch slots, the new token's input and, when its tiers ``moved``
+        (:meth:`schedule_static`), the fixed offload slots), so the bytes are known from their
         shapes; the tokens among them that were real are counted on the device (:meth:`settle_static`)."""
         B, F = self.pos.shape[0], self.fetch_slots
         fetch, recompute = self.static_key()
@@ -705,16 +728,22 @@ class TieredStore:
             self.traffic.h2d_bytes += B * F * self.xs.bytes_per_column()
         if self.xs.used:  # the new token's input
             self.traffic.d2h_bytes += B * self.xs.bytes_per_column()
+        if moved and self.move_slots:
+            self.traffic.d2h_bytes += B * self.move_slots * self.host.bytes_per_column()
 
     def settle_static(self) -> None:
-        """Add the tokens the static steps fetched and recomputed (device-side counts) to the traffic."""
+        """Add what the static steps moved (device-side counts) to the traffic."""
         if self._moved is not None:
-            fetched, recomputed, lost = self._moved.tolist()
-            if lost:
+            n = self._moved.tolist()
+            if n[LOST]:
                 raise RuntimeError(f"a static decode step selected more off-device keys than its {self.fetch_slots} fetch "
-                                   f"slots ({lost} row-steps; {self.policy!r}.max_selected(_old) is not a bound): its tokens are wrong")
-            self.traffic.tokens_fetched += fetched
-            self.traffic.tokens_recomputed += recomputed
+                                   f"slots ({n[LOST]} row-steps; {self.policy!r}.max_selected(_old) is not a bound): its tokens are wrong")
+            t = self.traffic
+            t.tokens_fetched += n[FETCHED]
+            t.tokens_recomputed += n[RECOMPUTED]
+            t.tokens_offloaded += n[OFFLOADED]
+            t.tokens_deleted += n[DELETED]
+            t.moves_late += n[LATE]
             self._moved.zero_()
 
     def _fetch(self, want: torch.Tensor):
@@ -756,12 +785,60 @@ class TieredStore:
         return None
 
     # --- scheduling ---------------------------------------------------------------------
+    MOVE_SLOTS = 2  # a static step's offloads per row: a step adds one non-local token and evicts at most one
+
     def schedule(self, plan: Plan, step: int, t_next: torch.Tensor) -> None:
         """Bring the tiers to what ``plan`` asks before decode step ``step`` (next positions t_next)."""
         phase = plan.phase(step)
         if phase == 1:
             return
         self._ahead = None  # tiers and columns move
+        if self.static:
+            self._enter(phase)
+        move = self._to_offload(plan, t_next)
+        if bool(move.any()):
+            self._offload(move)
+        if phase == 3:
+            drop = self._to_delete(plan)
+            if bool(drop.any()):
+                self._delete(drop)
+
+    def schedule_static(self, plan: Plan, phase: int, t_next: torch.Tensor) -> None:
+        """:meth:`schedule` in fixed shapes, for a ``phase`` already in effect the step before (its
+        large first move done): each row offloads its first ``move_slots`` tokens to move, written
+        by the device into spare host columns (on CUDA through the pinned pool's mapped alias), then
+        deletes what Phase III asks; no read-back. A row with more to move (evictions come in bursts)
+        moves nothing more and deletes nothing here: ``late`` says how many, and :meth:`schedule`
+        then finishes those rows outside the fixed step, so the tiers end as the eager step's."""
+        late = torch.zeros(self.pos.shape[0], dtype=torch.bool, device=self.pos.device)
+        if self.move_slots:
+            move = self._to_offload(plan, t_next)
+            idx, valid = self._first(move, self.move_slots)
+            held = self.host._on(self.pos.device)[1].sum(1, keepdim=True)
+            fits = valid & (torch.arange(idx.shape[1], device=idx.device) < self.host.fixed - self.move_slots - held)
+            late = move.sum(1) > fits.sum(1)
+            cols = torch.where(fits, self.loc.gather(1, idx), 0)
+            new_cols = self.host.write_free({k: _take(v, cols) for k, v in self.dev.buf.items()}, fits, spare=True)
+            self.dev.free(cols, fits)
+            self.loc.scatter_(1, idx, torch.where(fits, new_cols, self.loc.gather(1, idx)))
+            self.tier.scatter_(1, idx, torch.where(fits, HOST, self.tier.gather(1, idx)))
+            self._moved[OFFLOADED] += fits.sum()
+        if phase == 3:
+            self._delete(self._to_delete(plan) & ~late[:, None])
+        self.late.copy_(late.sum())
+        self._moved[LATE] += self.late
+
+    def _enter(self, phase: int) -> None:
+        """Static: what the fixed steps of ``phase`` read exists from now on (the host pool; in
+        Phase III, recomputation), whatever the schedule moves."""
+        if self.host.fixed:
+            self.host.ensure(self.dev.buf, self.pos.shape[0])
+        self._gone |= phase == 3
+
+    def _to_offload(self, plan: Plan, t_next: torch.Tensor) -> torch.Tensor:
+        """The slots (B, C) Phase II moves to the host now: each row's oldest device tokens outside
+        the recent window (all held ones if not ``plan.local_on_device``) until floor(alpha *
+        those tokens) are off the device."""
         live = self.pos >= 0
         if plan.local_on_device:
             k_loc = self.policy.recent_count(t_next + 1)[:, None]
@@ -771,22 +848,28 @@ class TieredStore:
         n_off = (live & (self.tier != DEVICE)).sum(1)
         need = (torch.floor(plan.alpha * nonlocal_.sum(1).double()).long() - n_off).clamp(min=0)
         cand = nonlocal_ & (self.tier == DEVICE)
-        move = cand & (cand.long().cumsum(1) <= need[:, None])
-        if bool(move.any()):
-            self._offload(move)
-        if phase == 3:
-            host = live & (self.tier == HOST)
-            n_gone = (live & (self.tier == GONE)).sum(1)
-            need = (torch.floor(plan.beta * (host.sum(1) + n_gone).double()).long() - n_gone).clamp(min=0)
-            drop = host & (self.xloc >= 0) & (host.long().cumsum(1) <= need[:, None])
-            if bool(drop.any()):
-                idx, valid = rows_of(drop)
-                self.host.free(self.loc.gather(1, idx), valid)
-                self.tier.masked_fill_(drop, GONE)  # in place: a captured step reads these buffers
-                self.loc.masked_fill_(drop, -1)
-                self._gone = True
-                self._compact_pools()
-                self.traffic.tokens_deleted += int(valid.sum())
+        return cand & (cand.long().cumsum(1) <= need[:, None])
+
+    def _to_delete(self, plan: Plan) -> torch.Tensor:
+        """The host slots (B, C) Phase III deletes now: each row's oldest ones with a stored input
+        until floor(beta * (host + deleted)) are deleted."""
+        live = self.pos >= 0
+        host = live & (self.tier == HOST)
+        n_gone = (live & (self.tier == GONE)).sum(1)
+        need = (torch.floor(plan.beta * (host.sum(1) + n_gone).double()).long() - n_gone).clamp(min=0)
+        return host & (self.xloc >= 0) & (host.long().cumsum(1) <= need[:, None])
+
+    def _delete(self, drop: torch.Tensor) -> None:
+        """Delete the host slots ``drop`` (B, C): their K, V are recomputed when selected."""
+        self.host.free(self.loc, drop)
+        self.tier.masked_fill_(drop, GONE)  # in place: a captured step reads these buffers
+        self.loc.masked_fill_(drop, -1)
+        self._gone = True
+        if self.static:
+            self._moved[DELETED] += drop.sum()
+        else:
+            self._compact_pools()
+            self.traffic.tokens_deleted += int(drop.sum())
 
     def _offload(self, move: torch.Tensor) -> None:
         t0 = _now()
@@ -798,7 +881,7 @@ class TieredStore:
         if self.static:  # the host pool was sized for what the plan can offload (make_static)
             hvalid = valid.to(self.host.device)
             held = 0 if self.host.live is None else self.host.live.sum(1)
-            if bool((held + hvalid.sum(1) > self.host.fixed).any()):
+            if bool((held + hvalid.sum(1) > self.host.fixed - self.move_slots).any()):
                 raise RuntimeError(f"the static host pool ({self.host.fixed} columns per row) cannot hold what the plan "
                                    "offloads: make_static's bound is wrong")
             new_cols = self.host.write_free(raw, hvalid).to(self.loc.device)
