@@ -266,8 +266,8 @@ class Replayed:
     The first ``warmup`` calls run eagerly (real steps: they also initialise what a capture may
     not, e.g. the BLAS handles); the next one is captured, which runs no kernel, and then
     replayed once to compute it. ``key()`` says what the step does (e.g. whether it fetches host
-    keys, :meth:`TieredCache.static_key`): when it changes, the graph is dropped and the next
-    call is captured again. If a capture fails, ``error`` says why and every later step runs
+    keys, :meth:`TieredCache.static_key`): when it changes, the graph is dropped, the next call
+    runs eagerly (its new ops' first run) and the one after is captured again. If a capture fails, ``error`` says why and every later step runs
     eagerly (the failed capture ran nothing, so the step is simply run again)."""
 
     def __init__(self, model, key=lambda: None, warmup: int = 2):
@@ -287,7 +287,8 @@ class Replayed:
     def __call__(self, **inputs):
         key = self.key()
         if self.graph is not None and key != self._key:
-            self.graph = self.out = None  # the step does something else now: capture it again
+            self.graph = self.out = None  # the step does something else now: one eager run, then capture it again
+            self.warmup = 1
         if self.graph is not None:
             self.graph.replay()
             return self.out

@@ -833,6 +833,7 @@ class TieredStore:
         Phase III, recomputation), whatever the schedule moves."""
         if self.host.fixed:
             self.host.ensure(self.dev.buf, self.pos.shape[0])
+            self.host._on(self.pos.device)  # on CUDA its mapped alias is made here, not inside a capture
         self._gone |= phase == 3
 
     def _to_offload(self, plan: Plan, t_next: torch.Tensor) -> torch.Tensor:
