@@ -282,8 +282,6 @@ class ThroughputRunner:
             raise ConfigError(f"throughput.plan={tc.plan!r} is invalid: allowed are none, auto")
         if not isinstance(tc.static, bool):
             raise ConfigError(f"throughput.static={tc.static!r} is invalid: allowed are true, false")
-        if tc.static and tc.int8:
-            raise ConfigError("throughput.static=true needs KV without INT8 (got int8=true): allowed is int8=false")
         if not 0 <= tc.flexgen_fraction <= 1:
             raise ConfigError(f"throughput.flexgen_fraction={tc.flexgen_fraction!r} is invalid: allowed is a fraction in [0, 1]")
         context = model_context(cfg.model)

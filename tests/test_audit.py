@@ -84,7 +84,7 @@ def test_static_decode_step_is_replayable(llama, name, monkeypatch):
 @pytest.mark.parametrize("name", available())
 def test_static_step_with_host_and_deleted_keys_is_replayable(llama, name, monkeypatch):
     """With an offload plan (every non-local key on the host from the first step) and one that
-    also deletes and recomputes: the tiers move between steps, so the step itself still issues
+    also deletes and recomputes (also with INT8 KV): the step, its tier moves included, issues
     the same ops on the same buffers with no read-back (state the schedule changes is updated in
     place: a captured step would read stale buffers otherwise)."""
     from alisa.runtime.tiered import Plan
@@ -92,9 +92,10 @@ def test_static_step_with_host_and_deleted_keys_is_replayable(llama, name, monke
     monkeypatch.setattr(attention, "ROUTE", "reference")
     policy = make_policy(name) if name == "dense" else make_policy(name, sparsity=0.8)
     ids = torch.randint(2, llama.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
-    for plan in (Plan(alpha=1.0, p1=0), Plan(alpha=0.7, beta=0.5, p1=0, p2=0)):
-        audit = audit_decode(Engine(llama, policy, prefill="sparse", static=True, plan=plan), ids)
-        assert audit.replayable, (plan, audit.summary())
+    for plan, int8 in ((Plan(alpha=1.0, p1=0), False), (Plan(alpha=0.7, beta=0.5, p1=0, p2=0), False),
+                       (Plan(alpha=0.7, beta=0.5, p1=0, p2=0), True)):
+        audit = audit_decode(Engine(llama, policy, prefill="sparse", static=True, plan=plan, int8=int8), ids)
+        assert audit.replayable, (plan, int8, audit.summary())
 
 
 def test_replayed_captures_again_when_the_step_changes(monkeypatch):

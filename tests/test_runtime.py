@@ -54,10 +54,17 @@ def test_static_step_equals_eager_on_the_reference_route(policy, kw, monkeypatch
         assert got.kv["device"] == ref.kv["device"]  # the same live tokens, measured the same way
 
 
-def test_static_needs_kv_without_int8():
-    with pytest.raises(ValueError, match=r"static=True needs KV without INT8 \(got int8=True\): allowed is int8=False") as e:
-        Engine(tiny_model("llama"), "swa", sparsity=0.5, static=True, int8=True)
-    assert "\n" not in str(e.value)
+@pytest.mark.parametrize("policy", ["dense", "swa"])
+def test_static_step_with_int8_kv(policy):
+    """INT8 KV in the fixed-shape step (codes, scales and zeros in fixed pools, moved as they are
+    stored): the eager INT8 step's tokens, tokens moved and live bytes, for every kind of plan."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(24)
+    kw = {} if policy == "dense" else {"sparsity": 0.5}
+    for plan in (Plan(), Plan(alpha=0.5, p1=2), Plan(alpha=0.7, beta=0.5, p1=1, p2=4), Plan(alpha=0.6, p1=1, local_on_device=False)):
+        ref = Engine(model, policy, plan=plan, int8=True, **kw).generate(ids, mask, NEW, keep_logits=True)
+        g = Engine(model, policy, plan=plan, int8=True, static=True, **kw).generate(ids, mask, NEW, keep_logits=True)
+        assert_static_equals_eager(g, ref, plan)
 
 
 def assert_static_equals_eager(g, ref, plan):

@@ -132,7 +132,6 @@ def test_pareto_front_keeps_only_non_dominated_points():
     ("throughput.systems=[warp]", "unknown throughput system 'warp': allowed are stock, hf_offloaded, hf_static, flexgen, engine"),
     ("throughput.plan=auto throughput.profile=/nonexistent.json", "throughput.profile='/nonexistent.json' does not exist"),
     ("throughput.batches=[0]", "throughput.batches entry 0 is invalid: allowed is an integer >= 1"),
-    ("throughput.static=true throughput.int8=true", "throughput.static=true needs KV without INT8 (got int8=true): allowed is int8=false"),
 ])
 def test_bad_throughput_input_is_one_line(tmp_path, override, needle):
     out = subprocess.run([sys.executable, "-m", "alisa.eval", "+experiment=throughput_quick", *override.split(),

@@ -363,8 +363,9 @@ class Engine:
         Decode with fixed shapes (:meth:`TieredStore.make_static`, ``greedy_steps(static=True)``):
         every step issues the same ops on the same buffers, with no host read-back, so that a
         CUDA graph can replay it (``python -m alisa.runtime.audit`` checks that on any device).
-        Every plan, without INT8: the tiers move between steps, host keys are read into fixed
-        fetch slots (on CUDA by the device from mapped pinned memory). The tokens are the eager step's.
+        Every plan, INT8 included: the step moves the tiers in fixed widths too (a phase's first
+        move outside it), host keys are read into fixed fetch slots (on CUDA the device reads and
+        writes mapped pinned memory). The tokens are the eager step's.
     linear : {"auto", "plain", "mm"}
         The GEMM form of the decode step's linear layers (:mod:`alisa.runtime.linear`): ``auto``
         times both on the CPU once per process and shape and keeps the faster (on CUDA and for
@@ -382,8 +383,6 @@ class Engine:
         self.prefetch = self.device.type == "cuda" if prefetch is None else bool(prefetch)
         self.static = bool(static)
         self.linear = check_linear(linear)
-        if self.static and int8:
-            raise ValueError("static=True needs KV without INT8 (got int8=True): allowed is int8=False")
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,

@@ -507,13 +507,13 @@ class TieredStore:
         same ops on the same buffers as long as the plan's phase does not change. In a phase that
         was already in effect the step before, the tiers move in fixed widths too
         (:meth:`schedule_static`: at most ``move_slots`` tokens offloaded per row); the first move
-        of a phase, which is large, is :meth:`schedule`'s, outside the fixed step. No INT8.
+        of a phase, which is large, is :meth:`schedule`'s, outside the fixed step. With INT8 the
+        pools hold codes, scales and zeros alike (the whole device pool is de-quantized each step,
+        as the eager step de-quantizes its used columns).
 
         What ``plan`` can put off the device bounds the host pool and ``F``: :meth:`schedule` keeps
         the host and deleted tokens of a row at floor(alpha * non-local tokens) <= floor(alpha * n_max);
         the host pool has ``move_slots`` spare columns on top (a fixed-width offload writes there)."""
-        if self.dev.int8:
-            raise ValueError("a static decode step needs KV without INT8")
         self._compact(self.pos >= 0)
         self.loc = _remap(self.loc, self.tier == DEVICE, self.dev.fix(self._most(DEVICE) + new_tokens))
         C = self.used
@@ -561,7 +561,7 @@ class TieredStore:
             self.policy.observe_keys(self.state, k, pos)
         if self.static:  # the slot was made ready and the pools have a free column per row
             self.pos.index_copy_(1, self._at, pos)
-            self.loc.index_copy_(1, self._at, self.dev.write_free({"k": k, "v": v}, valid))  # no INT8 here
+            self.loc.index_copy_(1, self._at, self.dev.write_free(self.dev._encode({"k": k, "v": v}), valid))
             if x is not None:
                 self.xloc.index_copy_(1, self._at, self.xs.write_free({"x": x[:, None]}, valid))
             self._at += 1
