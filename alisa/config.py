@@ -391,8 +391,7 @@ def validate(cfg, machine: bool = True) -> list[dict]:
     folder, W&B login): a multirun for a remote launcher checks every job's values before it
     submits them (a local launcher checks the machine too).
     """
-    from .integration import PREFILL_MODES
-    from .policies import available, make_policy, policy_class
+    from .policies import PREFILL_MODES, available, make_policy, policy_class
 
     for key in ("grid.policies", "grid.sparsities", "grid.budgets", "tasks"):
         _listify(cfg, key)

@@ -136,10 +136,18 @@ def _random_model(name: str, hf_config: dict, dtype, device):
 
 
 @functools.lru_cache(maxsize=4)
-def task_manager(tasks_dir: str):
+def task_manager(tasks_dir: str, stock: bool = False):
+    """lm-eval's index of the tasks in ``tasks_dir`` (alisa's local tasks: milliseconds) and, with
+    ``stock``, of every stock lm-eval task too (it reads lm-eval's ~26k task files: 10-20 s)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=tasks_dir)
+    return TaskManager(include_path=tasks_dir, include_defaults=stock)
+
+
+def task_manager_for(tasks_dir: str, names):
+    """The local index if it knows every task in ``names``, else the one with the stock tasks."""
+    tm = task_manager(tasks_dir)
+    return tm if all(n in tm.all_tasks for n in names) else task_manager(tasks_dir, stock=True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,8 +168,8 @@ class LmEvalRunner:
     kind = "lm_eval"
 
     def check(self, cfg, tasks: list[str], points: list[dict] | None = None) -> None:
-        tm = task_manager(cfg.tasks_dir)
-        local = sorted(t for t in tm.all_tasks if t.endswith("_local"))
+        local = sorted(t for t in task_manager(cfg.tasks_dir).all_tasks if t.endswith("_local"))
+        tm = task_manager_for(cfg.tasks_dir, [*tasks, *cfg.task_limits])
         for t in tasks:
             if t not in tm.all_tasks:
                 raise ConfigError(f"unknown task {t!r}: local tasks are {', '.join(local)} (or any stock lm-eval task name)")
@@ -187,7 +195,7 @@ class LmEvalRunner:
         _no_git_describe()
         try:  # no verbosity=: lm-eval's log lines go through the root logger (console filter, run log file)
             out = simple_evaluate(model=lm, tasks=[task], num_fewshot=cfg.num_fewshot, limit=limit,
-                                  task_manager=task_manager(cfg.tasks_dir), random_seed=cfg.seed,
+                                  task_manager=task_manager_for(cfg.tasks_dir, [task]), random_seed=cfg.seed,
                                   numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
                                   bootstrap_iters=1000, log_samples=True)  # samples: per-document needle results
         finally:
@@ -258,7 +266,7 @@ class ThroughputRunner:
         return system, int(b[1:])
 
     def check(self, cfg, tasks: list[str], points: list[dict] | None = None) -> None:
-        from .integration import PREFILL_MODES
+        from .policies import PREFILL_MODES
         from .runtime.throughput import SYSTEMS
 
         tc = cfg.throughput  # lists already made by tasks()

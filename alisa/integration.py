@@ -27,11 +27,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import KeptStats, policy_attention
 from .kvstore import SlotStore
-from .policies import Policy, make_policy
+from .policies import PREFILL_MODES, Policy, make_policy
 
 ATTN_NAME = "alisa"
 COVERED_FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt_neox")
-PREFILL_MODES = ("sparse", "dense")
 
 
 def chunk_positions(mask: torch.Tensor, n_real: torch.Tensor) -> torch.Tensor:

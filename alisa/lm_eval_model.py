@@ -23,7 +23,8 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .integration import PREFILL_MODES, apply
+from .integration import apply
+from .policies import PREFILL_MODES
 from .models import load_model
 from .policies import hyperparameters, make_policy, policy_class
 

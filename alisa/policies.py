@@ -30,6 +30,7 @@ import torch
 
 # --- registry: built-ins, @register, and plug-ins found through entry points -----------------
 ENTRY_POINT_GROUP = "alisa.policies"  # a package's [project.entry-points."alisa.policies"] NAME = "module:Class"
+PREFILL_MODES = ("sparse", "dense")  # how a prompt is attended: under the policy, or densely (then the policy takes over)
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # a policy name appears in file names, Hydra lists and model_args
 
 REGISTRY: dict[str, type["Policy"]] = {}  # built-ins and classes registered in this process with @register

@@ -21,7 +21,7 @@ def test_dense_alisa_equals_stock_hf_per_document(data_root, smollm2):
     from alisa.lm_eval_model import AlisaLM
     from alisa.models import _embedded_folder
 
-    tm = TaskManager(include_path=TASKS)
+    tm = TaskManager(include_path=TASKS, include_defaults=False)
     kw = dict(tasks=["copa_local", "piqa_local"], num_fewshot=4, limit=12, task_manager=tm, log_samples=True,
               random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0)
     stock = simple_evaluate(model=HFLM(pretrained=str(_embedded_folder()), device="cpu", batch_size=1), **kw)
