@@ -267,8 +267,9 @@ class Replayed:
     not, e.g. the BLAS handles); the next one is captured, which runs no kernel, and then
     replayed once to compute it. ``key()`` says what the step does (e.g. whether it fetches host
     keys, :meth:`TieredCache.static_key`): when it changes, the graph is dropped, the next call
-    runs eagerly (its new ops' first run) and the one after is captured again. If a capture fails, ``error`` says why and every later step runs
-    eagerly (the failed capture ran nothing, so the step is simply run again)."""
+    runs eagerly (its new ops' first run) and the one after is captured again. If a capture
+    fails, ``error`` says why and every later step runs eagerly (the failed capture ran nothing,
+    so the step is simply run again)."""
 
     def __init__(self, model, key=lambda: None, warmup: int = 2):
         self.model, self.key, self.warmup = model, key, warmup

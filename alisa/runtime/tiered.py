@@ -785,7 +785,8 @@ class TieredStore:
         return None
 
     # --- scheduling ---------------------------------------------------------------------
-    MOVE_SLOTS = 2  # a static step's offloads per row: a step adds one non-local token and evicts at most one
+    MOVE_SLOTS = 2  # a static step's offloads per row: a step adds one non-local token and mostly evicts at most one
+    # (bursts are finished outside the step: schedule_static)
 
     def schedule(self, plan: Plan, step: int, t_next: torch.Tensor) -> None:
         """Bring the tiers to what ``plan`` asks before decode step ``step`` (next positions t_next)."""
