@@ -202,8 +202,11 @@ def test_ctrl_c_is_one_line_exit_130(tmp_path):
     results = tmp_path / "results"
     args = [*TINY_TPUT, "throughput.new_tokens=4000", f"results_dir={results}"]  # a point that runs for a while
     env = {**{k: v for k, v in os.environ.items() if k != FAIL_ENV}, "HF_HUB_OFFLINE": "1"}
+    # as a terminal's Ctrl-C finds it: a test run started in the background by a non-interactive shell
+    # inherits SIGINT ignored, which Python (rightly) keeps ignoring
     proc = subprocess.Popen([sys.executable, "-m", "alisa.eval", *args], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not (results / "adhoc" / "main" / "points").is_dir():
