@@ -70,7 +70,7 @@ class TieredCache(AlisaCache):
             n_max = ts.n_max if ts.static else self.layers[layer_idx].store.seen  # static: one bound for every step
             out = ts.attend(query, chunk.q_pos[:, 0], scale, recompute, stats, layer_idx, n_max=n_max)
             ts.evict(self.policy.retain(ts.pos, chunk.t_next, ts.state))
-            if ts.static:  # the tiers move between steps (:meth:`between_steps`), not inside the fixed step
+            if ts.static:  # the tiers move after the whole forward (:meth:`static_step`, :meth:`between_steps`)
                 return out
         ts.schedule(self.plan, self.step, chunk.t_next)
         if self.prefetch:  # the next layer's query in this step, or layer 0's in the next one (if there is one)
