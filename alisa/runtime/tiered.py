@@ -811,7 +811,6 @@ class TieredStore:
         deletes what Phase III asks; no read-back. A row with more to move (evictions come in bursts)
         moves nothing more and deletes nothing here: ``late`` says how many, and :meth:`schedule`
         then finishes those rows outside the fixed step, so the tiers end as the eager step's."""
-        late = torch.zeros(self.pos.shape[0], dtype=torch.bool, device=self.pos.device)
         if self.move_slots:
             move = self._to_offload(plan, t_next)
             idx, valid = self._first(move, self.move_slots)
@@ -819,11 +818,10 @@ class TieredStore:
             fits = valid & (torch.arange(idx.shape[1], device=idx.device) < self.host.fixed - self.move_slots - held)
             late = move.sum(1) > fits.sum(1)
             cols = torch.where(fits, self.loc.gather(1, idx), 0)
-            new_cols = self.host.write_free({k: _take(v, cols) for k, v in self.dev.buf.items()}, fits, spare=True)
-            self.dev.free(cols, fits)
-            self.loc.scatter_(1, idx, torch.where(fits, new_cols, self.loc.gather(1, idx)))
-            self.tier.scatter_(1, idx, torch.where(fits, HOST, self.tier.gather(1, idx)))
+            self._on_host(idx, fits, cols, self.host.write_free(self.dev.read_on(cols), fits, spare=True))
             self._moved[OFFLOADED] += fits.sum()
+        else:
+            late = torch.zeros(self.pos.shape[0], dtype=torch.bool, device=self.pos.device)
         if phase == 3:
             self._delete(self._to_delete(plan) & ~late[:, None])
         self.late.copy_(late.sum())
@@ -879,7 +877,6 @@ class TieredStore:
         cols = torch.where(valid, self.loc.gather(1, idx), 0)
         raw = self.link.offload(self.dev.read_raw(cols), self.traffic)
         self.traffic.d2h_bytes += _nbytes(raw.values())
-        self.dev.free(cols, valid)
         if self.static:  # the host pool was sized for what the plan can offload (make_static)
             hvalid = valid.to(self.host.device)
             held = 0 if self.host.live is None else self.host.live.sum(1)
@@ -890,12 +887,19 @@ class TieredStore:
         else:
             new_cols, remap = self.host.write_raw(raw, valid)  # both pools share one encoding
             self.loc = _remap(self.loc, self.tier == HOST, remap)
-        self.loc.scatter_(1, idx, torch.where(valid, new_cols, self.loc.gather(1, idx)))
-        self.tier.masked_fill_(move, HOST)  # in place: a captured step reads this buffer
+        self._on_host(idx, valid, cols, new_cols)
         self._compact_pools()
         self.traffic.tokens_offloaded += int(valid.sum())
         if not self.link.cuda:  # on CUDA the link timed the copy
             self.traffic.seconds["transfer"] += _now() - t0
+
+    def _on_host(self, idx: torch.Tensor, valid: torch.Tensor, cols: torch.Tensor, new_cols: torch.Tensor) -> None:
+        """Slots ``idx`` (B, m; where ``valid``) moved from device columns ``cols`` to host columns
+        ``new_cols``: free the device columns, point the slots at the host (in place: a captured
+        step reads these buffers)."""
+        self.dev.free(cols, valid)
+        self.loc.scatter_(1, idx, torch.where(valid, new_cols, self.loc.gather(1, idx)))
+        self.tier.scatter_(1, idx, torch.where(valid, HOST, self.tier.gather(1, idx)))
 
     # --- measurement --------------------------------------------------------------------
     def counts(self) -> dict[str, float]:
