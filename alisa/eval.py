@@ -267,7 +267,7 @@ class ThroughputRunner:
 
     def check(self, cfg, tasks: list[str], points: list[dict] | None = None) -> None:
         from .policies import PREFILL_MODES
-        from .runtime.throughput import SYSTEMS
+        from .runtime import SYSTEMS
 
         tc = cfg.throughput  # lists already made by tasks()
         for sysname in tc.systems:

@@ -48,16 +48,21 @@ def _main(argv: list[str] | None) -> int:
     if context is not None and a.max_new_tokens >= context:
         return _error(f"--max-new-tokens={a.max_new_tokens} is invalid: allowed is less than {context}, the context of "
                       f"model {a.model!r} (prompt included)")
+    from .policies import make_policy
+
+    try:
+        policy = make_policy(a.policy, sparsity=a.sparsity)  # before the model stack is imported: a typo is told at once
+    except ValueError as e:
+        return _error(str(e))
     if not a.verbose:
         os.environ.setdefault("TQDM_DISABLE", "1")
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    from . import apply, load_model, make_policy
+    from . import apply, load_model
 
     try:
-        policy = make_policy(a.policy, sparsity=a.sparsity)
         model, tok = load_model(a.model)
     except ValueError as e:
         return _error(str(e))

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alisa.config import OneLineArgumentParser  # noqa: E402
 from alisa.results import REPO, git_commit, hardware, versions, write_json  # noqa: E402
+from alisa.runtime import SYSTEMS  # noqa: E402
 
 DRY_NOTE = "dry run: figures are not GPU figures"
 # --dry: a tiny OPT-like shape (same family and code paths as OPT-6.7B), float32 on the CPU
@@ -46,7 +47,6 @@ DEFAULTS = {False: dict(prompt=128, batch=16, big_batch=64, new=256, big_new=128
             True: dict(prompt=32, batch=2, big_batch=4, new=8, big_new=8)}
 ENGINE = [("engine dense", "dense", None, "dense"), ("engine h2o@0.8", "h2o", 0.8, "sparse"),
           ("engine swa@0.8", "swa", 0.8, "sparse")]
-SYSTEMS = ("stock", "hf_static", "hf_offloaded", "flexgen", "engine")
 
 
 def parse(argv):

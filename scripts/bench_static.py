@@ -25,10 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alisa.config import OneLineArgumentParser  # noqa: E402
-from alisa.models import load_model  # noqa: E402
 from alisa.results import REPO, hardware, versions, write_json  # noqa: E402
-from alisa.runtime.engine import Engine, dense_prefill  # noqa: E402
-from alisa.runtime.throughput import workload_prompts  # noqa: E402
 from alisa.runtime.tiered import Plan  # noqa: E402
 
 CASES = [("dense", dict(policy="dense"), None),
@@ -52,6 +49,10 @@ def main() -> int:
             ap.error(f"--{k}={v} is invalid: allowed is an integer >= {least}")
     if a.tag is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", a.tag):
         ap.error(f"--tag={a.tag!r} is invalid: allowed are letters, digits, '.', '_' and '-' (it names the JSON file)")
+    from alisa.models import load_model  # the model stack after the arguments: bad input is told at once
+    from alisa.runtime.engine import Engine, dense_prefill
+    from alisa.runtime.throughput import workload_prompts
+
     model, tok = load_model("smollm2-135m", device="cpu")
     ids = workload_prompts(tok, a.batch, a.prompt, seed=0)
     pf = dense_prefill(model, ids)

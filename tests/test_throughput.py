@@ -129,7 +129,7 @@ def test_pareto_front_keeps_only_non_dominated_points():
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("throughput.systems=[warp]", "unknown throughput system 'warp': allowed are stock, hf_offloaded, hf_static, flexgen, engine"),
+    ("throughput.systems=[warp]", "unknown throughput system 'warp': allowed are stock, hf_static, hf_offloaded, flexgen, engine"),
     ("throughput.plan=auto throughput.profile=/nonexistent.json", "throughput.profile='/nonexistent.json' does not exist"),
     ("throughput.batches=[0]", "throughput.batches entry 0 is invalid: allowed is an integer >= 1"),
 ])

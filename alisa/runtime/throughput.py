@@ -23,11 +23,11 @@ from dataclasses import asdict
 import torch
 
 from ..policies import Policy, make_policy
+from . import SYSTEMS
 from .engine import (BudgetExceeded, Engine, Prefilled, _sync, dense_prefill, greedy_steps, position_ids,
                      shares_dense_prefill)
 from .tiered import Plan
 
-SYSTEMS = ("stock", "hf_offloaded", "hf_static", "flexgen", "engine")
 STATIC_WARMUP_STEPS = 3  # compiled forwards before the timed ones: compile, CUDA-graph warm-up, record
 
 
