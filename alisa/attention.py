@@ -154,7 +154,7 @@ def attend_with_feedback(
             return sel
         return sel.new_zeros(B, N + 1).scatter_(1, torch.where(sel, dump, N), True)[:, :N]
 
-    probs = None if logits is None else torch.zeros_like(logits)
+    probs = None if logits is None or Q == 1 else torch.zeros_like(logits)  # Q == 1 (decode): the one row is probs
     keeps = []
     for i in range(Q):
         t = q_pos[:, i]
@@ -172,14 +172,17 @@ def attend_with_feedback(
         if logits is None:
             continue
         attend = columns(k_i) | (t < 0)[:, None]  # a padding query attends everything: unused, but finite
-        p = torch.softmax((logits[:, :, :, i] * scale).masked_fill(~attend[:, None, None], float("-inf")), dim=-1)
-        probs[:, :, :, i] = p
+        p = torch.softmax(torch.where(attend[:, None, None], logits[:, :, :, i] * scale, float("-inf")), dim=-1)
+        if Q == 1:
+            probs = p[:, :, :, None]
+        else:
+            probs[:, :, :, i] = p
         if observing:
             row = p.detach().sum((1, 2)) * (t >= 0)[:, None]  # A_t summed over all query heads, (B, N)
             if loc is not None:  # back to slot order; zero for a slot with no column (column N)
                 row = F.pad(row, (0, 1)).gather(1, dump)
             policy.observe(state, pos, t, k_i, row)
-    keep = torch.stack(keeps, 1)[..., :cols]
+    keep = (keeps[0][:, None] if Q == 1 else torch.stack(keeps, 1))[..., :cols]
     if probs is None:
         return None, keep
     Hkv, G = probs.shape[1], probs.shape[2]

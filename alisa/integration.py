@@ -101,7 +101,8 @@ class AlisaCache(Cache):
         store = self.store(layer_idx)
         out = policy_attention(self.policy, store, query, chunk.q_pos, scale, dense=chunk.dense,
                                sliding_window=sliding_window, stats=stats, layer=layer_idx)
-        store.evict(self.policy.retain(store.kv()[2], chunk.t_next, store.state))
+        if self.policy.evicts:
+            store.evict(self.policy.retain(store.kv()[2], chunk.t_next, store.state))
         return out
 
     def tokens_held(self) -> list[float]:

@@ -294,6 +294,12 @@ class Policy(abc.ABC):
         """Slots any future query (positions >= ``t_next``, (B,)) may still select: the decode cache keeps only these."""
         return pos >= 0
 
+    @property
+    def evicts(self) -> bool:
+        """Whether :meth:`retain` may ever drop a held slot; if not, the caches do not ask (the
+        eviction of nothing costs a dozen ops per layer and step)."""
+        return type(self).retain is not Policy.retain
+
 
 def causal(pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (pos >= 0) & (pos <= t)
@@ -441,6 +447,10 @@ class TwoPart(Policy):
     @property
     def needs_rows(self) -> bool:
         return self.dense_horizon != math.inf  # sparsity 0: every row is dense, the score is never read
+
+    @property
+    def evicts(self) -> bool:
+        return self.needs_rows  # sparsity 0 keeps every key (retain)
 
     def expected_held(self, n):
         return float(n) if n <= self.dense_horizon else super().expected_held(n)

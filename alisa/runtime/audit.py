@@ -60,11 +60,17 @@ class Op:
     name: str
     args: tuple
     where: str
+    kernel: bool = True  # False: a view or a no-op conversion (its output is an input's memory; launches nothing)
 
 
 @dataclass
 class Trace:
     ops: list[Op] = field(default_factory=list)
+
+    @property
+    def kernels(self) -> int:
+        """Ops that compute or copy (what a GPU launches); views and no-op conversions excluded."""
+        return sum(o.kernel for o in self.ops)
 
     @property
     def syncs(self) -> list[Op]:
@@ -107,13 +113,18 @@ class StepTrace(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         op = Op(name, (self._sig(args), self._sig(kwargs)), _where() if self.locate else "")
         out = func(*args, **kwargs)
+        inputs = {a.untyped_storage().data_ptr() for a in _flat((args, tuple(kwargs.values())))
+                  if isinstance(a, torch.Tensor) and a.layout == torch.strided}
+        aliases = False
         for t in (out if isinstance(out, (list, tuple)) else (out,)):
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 st = t.untyped_storage().data_ptr()
-                if not any(isinstance(a, torch.Tensor) and a.layout == torch.strided
-                           and a.untyped_storage().data_ptr() == st for a in _flat((args, tuple(kwargs.values())))):
+                if st in inputs:
+                    aliases = True
+                else:
                     self._temps[st] = self._n  # a new buffer (not a view or in-place result of an input)
                     self._n += 1
+        op.kernel = not (func.is_view or (aliases and not func._schema.is_mutable))
         self.trace.ops.append(op)
         return out
 
@@ -131,6 +142,7 @@ class Audit:
 
     ops_per_step: int
     ops_per_layer: float
+    kernels_per_layer: float  # the ops that compute or copy (views excluded): what a GPU step launches
     syncs: list[str]  # "op at where" for every host read-back of the step
     dynamic: list[str]  # ops whose output shape depends on data
     differences: list[str]  # the first ops where step j + 1's trace differs from step j's
@@ -142,7 +154,8 @@ class Audit:
         return not self.syncs and not self.dynamic and not self.n_differences
 
     def summary(self, lines: int = 8) -> str:
-        head = (f"{self.ops_per_step} ops per step ({self.ops_per_layer:.0f} per layer), {len(self.syncs)} host read-backs, "
+        head = (f"{self.ops_per_step} ops per step ({self.ops_per_layer:.0f} per layer, {self.kernels_per_layer:.0f} of them "
+                f"kernels), {len(self.syncs)} host read-backs, "
                 f"{len(self.dynamic)} data-dependent shapes, {self.n_differences} ops differ between two steps")
         out = [head] + [f"  read-back: {s}" for s in self.syncs[:10]] + [f"  dynamic: {s}" for s in self.dynamic[:10]]
         top = sorted(self.differing_lines.items(), key=lambda kv: -kv[1])[:lines]
@@ -196,7 +209,7 @@ def audit_decode(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     n, diffs, lines = compare(a, b)
     L = engine.model.config.num_hidden_layers
     fmt = lambda o: f"{o.name} at {o.where}"  # noqa: E731
-    return Audit(len(b.ops), len(b.ops) / L, [fmt(o) for o in b.syncs], [fmt(o) for o in b.dynamic], diffs, n, lines)
+    return Audit(len(b.ops), len(b.ops) / L, b.kernels / L, [fmt(o) for o in b.syncs], [fmt(o) for o in b.dynamic], diffs, n, lines)
 
 
 def main(argv=None) -> int:

@@ -69,7 +69,8 @@ class TieredCache(AlisaCache):
 
             n_max = ts.n_max if ts.static else self.layers[layer_idx].store.seen  # static: one bound for every step
             out = ts.attend(query, chunk.q_pos[:, 0], scale, recompute, stats, layer_idx, n_max=n_max)
-            ts.evict(self.policy.retain(ts.pos, chunk.t_next, ts.state))
+            if self.policy.evicts:
+                ts.evict(self.policy.retain(ts.pos, chunk.t_next, ts.state))
             if ts.static:  # the tiers move after the whole forward (:meth:`static_step`, :meth:`between_steps`)
                 return out
         ts.schedule(self.plan, self.step, chunk.t_next)
