@@ -18,6 +18,18 @@ def test_trace_lists_read_backs_and_data_dependent_shapes():
     assert all("test_audit.py" in o.where for o in trace.syncs)
 
 
+def test_kernels_exclude_views_and_no_op_conversions():
+    x, buf = torch.ones(4, 3), torch.zeros(12)
+
+    def step(x):
+        y = x.view(-1).to(torch.float32)  # a view and a no-op conversion: nothing launched
+        buf.add_(y)  # in place: a kernel although its output is its input
+        return (y * 2).t()  # one kernel, then a view
+
+    trace, _ = trace_call(step, x, locate=False)
+    assert [o.name for o in trace.ops if o.kernel] == ["add_", "mul"] and trace.kernels == 2 < len(trace.ops)
+
+
 def test_compare_tells_state_replaced_from_state_updated_in_place():
     state = {"s": torch.zeros(4)}
 
