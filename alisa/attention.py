@@ -154,7 +154,8 @@ def attend_with_feedback(
             return sel
         return sel.new_zeros(B, N + 1).scatter_(1, torch.where(sel, dump, N), True)[:, :N]
 
-    probs = None if logits is None or Q == 1 else torch.zeros_like(logits)  # Q == 1 (decode): the one row is probs
+    # Q == 1 (decode): the one row is probs (a view); else rows are written in place (not stacked: that holds them twice)
+    probs = None if logits is None or Q == 1 else torch.zeros_like(logits)
     keeps = []
     for i in range(Q):
         t = q_pos[:, i]
