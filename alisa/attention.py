@@ -53,8 +53,9 @@ _warned: set[str] = set()
 
 def route(policy: Policy, pos: torch.Tensor, query: torch.Tensor | None = None) -> str:
     """Which implementation runs a stateful step: ``"compiled"`` (numba, CPU tensors, a policy
-    with a kernel) or ``"reference"`` (PyTorch, one query at a time; any device, any policy)."""
-    if ROUTE == "reference" or policy.kernel is None or pos.device.type != "cpu":
+    with a kernel) or ``"reference"`` (PyTorch, one query at a time; any device, any policy; the
+    one ``torch.compile`` traces: a numba call would break its graph)."""
+    if ROUTE == "reference" or policy.kernel is None or pos.device.type != "cpu" or torch.compiler.is_compiling():
         return "reference"
     if query is not None and query.requires_grad:
         return "reference"  # the compiled route is not differentiable

@@ -253,7 +253,7 @@ def apply(model: PreTrainedModel, policy: Policy | str = "dense", prefill: str =
         kwargs.pop("past_key_values", None)
         kwargs[cache_kw] = cache
         if cache is not None:
-            dense = prefill == "dense" and cache.get_seq_length() == 0
+            dense = prefill == "dense" and cache.n_real is None  # the first chunk (not the length: a compiled step would guard on it)
             q_pos = cache.begin(chunk_mask)
             ctl.chunk = _Chunk(cache, q_pos, cache.n_real, dense)
             ctl.last_cache = cache

@@ -1,5 +1,7 @@
 """The runtime engine computes what the core decode path computes, moves what it says it moves."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -144,6 +146,65 @@ def test_a_wrong_selection_bound_is_an_error_not_wrong_tokens(monkeypatch):
     with pytest.raises(RuntimeError, match=r"selected more off-device keys than its 1 fetch slots") as e:
         Engine(model, "swa", plan=Plan(alpha=1.0, p1=0), static=True, sparsity=0.5).generate(ids, mask, NEW)
     assert "\n" not in str(e.value)
+
+
+HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not HAS_CXX, reason="inductor's CPU backend builds C++: no compiler on this machine")
+def test_compiled_static_step_equals_the_uncompiled_one(monkeypatch):
+    """``Engine(static=True, compiled=True)``: the fixed step compiled by inductor (its small ops
+    fused) gives the uncompiled step's tokens, logits within float rounding, one graph per run."""
+    from alisa import attention
+
+    monkeypatch.setattr(attention, "ROUTE", "reference")  # the route the compiled step traces
+    model = tiny_model("llama")
+    ids, mask = padded_batch(24)
+    for policy, kw in POLICIES[:3]:
+        ref = Engine(model, policy, prefill="sparse", static=True, **kw).generate(ids, mask, NEW, keep_logits=True)
+        got = Engine(model, policy, prefill="sparse", static=True, compiled=True, **kw).generate(ids, mask, NEW, keep_logits=True)
+        assert got.extra["graph"].endswith("compiled (inductor, 1 graph)"), (policy, got.extra["graph"])
+        assert torch.equal(got.tokens, ref.tokens), policy
+        torch.testing.assert_close(got.extra["logits"], ref.extra["logits"], atol=1e-5, rtol=0)
+        assert got.extra["compile_s"] > 0 and got.summary()["compile_s"] == got.extra["compile_s"]
+
+
+def test_compiled_step_specializes_per_phase_and_starts_afresh_each_run(monkeypatch):
+    """Dynamo's tracing and guards (backend "eager": no code generation): with an offload and
+    recomputation plan the compiled step is traced again only where what it does changes (a
+    phase, the host pool's first tokens), not every step (no per-step Python int in it); a second
+    run traces as many graphs again (the first run's are dropped, not piled up against dynamo's
+    recompile limit); tokens, tokens moved and live bytes are the uncompiled step's."""
+    from alisa.runtime.engine import Compiled
+
+    monkeypatch.setattr(Compiled, "BACKEND", "eager")
+    model = tiny_model("llama")
+    ids, mask = padded_batch(24)
+    plan = Plan(alpha=0.7, beta=0.5, p1=1, p2=4)
+    ref = Engine(model, "swa", plan=plan, static=True, sparsity=0.5).generate(ids, mask, NEW, keep_logits=True)
+    graphs = []
+    for _ in range(2):
+        g = Engine(model, "swa", plan=plan, static=True, compiled=True, sparsity=0.5).generate(ids, mask, NEW, keep_logits=True)
+        assert_static_equals_eager(g, ref, plan)
+        graphs.append(int(g.extra["graph"].rsplit("(eager, ", 1)[1].split()[0]))
+    assert graphs[0] == graphs[1] and 2 <= graphs[0] <= 5 < NEW - 1, graphs
+
+
+def test_a_failed_compile_runs_the_step_uncompiled_and_says_why(monkeypatch):
+    from alisa.runtime.engine import Compiled
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(Compiled, "BACKEND", broken)
+    model = tiny_model("llama")
+    ids, mask = padded_batch(24)
+    ref = Engine(model, "h2o", static=True, sparsity=0.5).generate(ids, mask, NEW)
+    g = Engine(model, "h2o", static=True, compiled=True, sparsity=0.5).generate(ids, mask, NEW)
+    assert torch.equal(g.tokens, ref.tokens)
+    assert g.extra["graph"].endswith("not compiled (compile failed: BackendCompilerFailed: RuntimeError: no compiler here)")
+    with pytest.raises(ValueError, match=r"^compiled=True needs static=True"):
+        Engine(model, "dense", compiled=True)
 
 
 @pytest.mark.parametrize("policy,kw", POLICIES, ids=[p for p, _ in POLICIES])

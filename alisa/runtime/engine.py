@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -41,7 +42,7 @@ class TieredCache(AlisaCache):
         self.link = Link(self.device)  # one pair of copy streams for every layer
         self.prefetch = prefetch  # fetch layer l + 1's selected host keys right after layer l's step
         self.tiered: list[TieredStore | None] = [None] * num_layers
-        self.step = 0  # the decode step the next schedule prepares for
+        self.step = 0  # the decode step the next schedule prepares for (sets :attr:`steady`)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         ts = self.tiered[layer_idx]
@@ -51,7 +52,8 @@ class TieredCache(AlisaCache):
             raise ValueError(f"the runtime decodes one token per step after the prompt (got a chunk of {key_states.shape[2]})")
         x = self.recorder[layer_idx] if self.plan.records_inputs else None
         ts.append(key_states, value_states, self.chunk_pos, x)
-        self.layers[layer_idx].store.seen += 1
+        if not ts.static:  # a static step counts it outside (:meth:`between_steps`): a compiled step would guard on it
+            self.layers[layer_idx].store.seen += 1
         return key_states, value_states
 
     def attend(self, layer_idx, query, chunk, scale, sliding_window, stats):
@@ -80,6 +82,15 @@ class TieredCache(AlisaCache):
             if following is not None and not (last and self.step + 1 >= self.reserve):  # reserve: the tokens to decode
                 following.prefetch(chunk.t_next if last else chunk.q_pos[:, 0])
         return out
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, step: int) -> None:
+        self._step = step
+        self.steady = self.steady_phase(step)  # what the static step reads: a compiled step guards on it, not on the step
 
     def _adopt(self, layer_idx: int, k, v, pos, state, x=None, x_pos=None) -> TieredStore:
         ts = TieredStore(self.policy, self.device, self.host, self.int8, k.dtype, self.reserve, self.link)
@@ -116,10 +127,9 @@ class TieredCache(AlisaCache):
         callable, so a CUDA graph captures both."""
         def step(**inputs):
             out = model(**inputs)
-            phase = self.steady_phase(self.step)
-            if phase is not None:
+            if self.steady is not None:
                 for ts in self.tiered:
-                    ts.schedule_static(self.plan, phase, self.n_real)
+                    ts.schedule_static(self.plan, self.steady, self.n_real)
             return out
         return step
 
@@ -128,6 +138,8 @@ class TieredCache(AlisaCache):
         step did not (a phase starts: its first move is large; a layer's rows had more to move than
         its fixed slots), move the tiers as the plan says for the next one (what the eager step
         does after each layer's attention; the prompt's forward ran its own schedule)."""
+        for layer in self.layers:
+            layer.store.seen += 1
         steady = self.steady_phase(step) is not None
         late = torch.stack([ts.late for ts in self.tiered]).tolist() if steady else [1] * len(self.tiered)  # one read-back
         for ts, n in zip(self.tiered, late):
@@ -137,7 +149,7 @@ class TieredCache(AlisaCache):
 
     def static_key(self) -> tuple:
         """What the static step does (:meth:`TieredStore.static_key` of every layer, and its tier moves)."""
-        return (self.steady_phase(self.step), *(ts.static_key() for ts in self.tiered))
+        return (self.steady, *(ts.static_key() for ts in self.tiered))
 
     def kv_bytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -188,7 +200,8 @@ class Generation:
             "throughput_tok_s": B * new / self.total_s,  # the paper's metric: generated tokens / end-to-end time
             "decode_tok_s": B * len(self.step_s) / decode_s if decode_s > 0 else None,
             "prefill_s": self.prefill_s, "decode_s": decode_s, "total_s": self.total_s,
-            "step_s_mean": decode_s / len(self.step_s) if self.step_s else None, "step_s": list(self.step_s),
+            "step_s_mean": decode_s / len(self.step_s) if self.step_s else None,
+            "step_s_median": statistics.median(self.step_s) if self.step_s else None, "step_s": list(self.step_s),
             "kv_bytes_peak": self.kv, "tiers_per_step": self.tiers, "phase_per_step": self.phases,
             "phase_switch_steps": _switches(self.phases),
             "bytes_d2h": self.traffic.d2h_bytes, "bytes_h2d": self.traffic.h2d_bytes,
@@ -310,6 +323,55 @@ class Replayed:
         return out
 
 
+class Compiled:
+    """The static decode step compiled once per run by ``torch.compile`` (inductor, fixed shapes,
+    one graph: a break is an error): the step's many small ops fused into fewer kernels, for the
+    CPU and, inside :class:`Replayed`, for a CUDA graph. Stateful policies run their PyTorch
+    reference route in it (:func:`alisa.attention.route`); the step is the uncompiled one's.
+
+    The step re-specializes where what it does changes (a plan's phase; the host pool's first
+    tokens): a handful of graphs per run, counted in :attr:`graphs`, their seconds (the calls that
+    compiled) in :attr:`compile_s`. Every run compiles afresh (new buffers, new hooks), so the
+    previous run's graphs are dropped first, not piled up against dynamo's recompile limit (past
+    it dynamo would run the step uncompiled, silently). If compiling fails (no C++ compiler, an op
+    inductor cannot lower, more than ``RECOMPILE_LIMIT`` graphs), :attr:`error` says why and every
+    later step runs uncompiled (a failed compile ran nothing)."""
+
+    BACKEND = "inductor"  # tests use "eager" (dynamo's tracing and guards without code generation)
+    RECOMPILE_LIMIT = 32
+
+    def __init__(self, step):
+        self.step, self.error, self.graphs, self.compile_s = step, None, 0, 0.0
+        torch._dynamo.eval_frame.remove_from_cache(step)  # the last run's graphs (its closure shares this code)
+        self.fn = torch.compile(step, backend=self.BACKEND, dynamic=False, fullgraph=True)
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return f"not compiled (compile failed: {self.error})"
+        return f"compiled ({self.BACKEND}, {self.graphs} graph{'s' if self.graphs != 1 else ''})"
+
+    def __call__(self, **inputs):
+        if self.error is not None:
+            return self.step(**inputs)
+        from torch._dynamo.utils import counters
+
+        before, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+        try:
+            with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+                out = self.fn(**inputs)
+        except torch._dynamo.exc.TorchDynamoException as e:  # reported in the record; the step runs uncompiled
+            cause = getattr(e, "inner_exception", None) or e  # a backend's own error, e.g. no C++ compiler
+            msg = str(cause).strip()
+            self.error = f"{type(e).__name__}: {type(cause).__name__}: {msg.splitlines()[0] if msg else ''}"[:300]
+            return self.step(**inputs)
+        new = counters["stats"]["unique_graphs"] - before
+        if new:
+            self.graphs += new
+            self.compile_s += time.perf_counter() - t0
+        return out
+
+
 def shares_dense_prefill(policy: Policy, prefill: str) -> bool:
     """Whether the prompt pass under ``policy`` is the unmodified model's (so one can serve many runs)."""
     return policy.shares_dense_prefill(prefill)
@@ -368,6 +430,13 @@ class Engine:
         Every plan, INT8 included: the step moves the tiers in fixed widths too (a phase's first
         move outside it), host keys are read into fixed fetch slots (on CUDA the device reads and
         writes mapped pinned memory). The tokens are the eager step's.
+    compiled : bool
+        With ``static``: compile the fixed step with ``torch.compile`` (:class:`Compiled`: inductor
+        fuses its small ops; on CUDA the compiled step is what the CUDA graph captures). The first
+        step of a run pays the compile (tens of seconds on a CPU for a small model; recorded in
+        ``step_s``). Needs a C++ compiler on the CPU (Triton on CUDA); where compiling fails, the
+        record's ``graph`` says why and the step runs uncompiled. The uncompiled static step is
+        the reference: same tokens, logits within float rounding (fused sums).
     linear : {"auto", "plain", "mm"}
         The GEMM form of the decode step's linear layers (:mod:`alisa.runtime.linear`): ``auto``
         times both on the CPU once per process and shape and keeps the faster (on CUDA and for
@@ -376,7 +445,8 @@ class Engine:
 
     def __init__(self, model, policy: Policy | str = "dense", *, prefill: str = "dense", plan: Plan | None = None,
                  int8: bool = False, device_budget: int | None = None, host_budget: int | None = None,
-                 prefetch: bool | None = None, static: bool = False, linear: str = "auto", **policy_kwargs):
+                 prefetch: bool | None = None, static: bool = False, compiled: bool = False, linear: str = "auto",
+                 **policy_kwargs):
         self.model = model
         self.policy = make_policy(policy, **policy_kwargs) if isinstance(policy, str) else policy
         self.prefill, self.plan, self.int8 = prefill, plan or Plan(), int8
@@ -384,6 +454,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.prefetch = self.device.type == "cuda" if prefetch is None else bool(prefetch)
         self.static = bool(static)
+        if compiled and not self.static:
+            raise ValueError(f"compiled={compiled!r} needs static=True: only the fixed-shape decode step is compiled")
+        self.compiled = bool(compiled)
         self.linear = check_linear(linear)
 
     @torch.inference_mode()
@@ -437,11 +510,15 @@ class Engine:
                 if self.static:
                     cache.make_static()
                     step, after = cache.static_step(model), cache.between_steps
+                    compiled = step = Compiled(step) if self.compiled else step
                     step = Replayed(step, cache.static_key) if dev.type == "cuda" else step
                 tokens, steps, logits = greedy_steps(step, last.argmax(-1), mask, cache, max_new_tokens, before, keep_logits,
                                                      static=self.static, after=after)
                 if self.static:
                     extra["graph"] = step.status if isinstance(step, Replayed) else "eager (no CUDA graphs on the CPU)"
+                    if self.compiled:
+                        extra["graph"] += f"; {compiled.status}"
+                        extra["compile_s"] = compiled.compile_s
                 if keep_logits:
                     extra["logits"] = torch.stack([last.float(), *logits], 1)
                 self._track(peak, cache.kv_bytes())

@@ -589,8 +589,10 @@ class TieredStore:
         self.host.free(self.loc, gone & (self.tier == HOST))
         self.xs.free(self.xloc, gone & (self.xloc >= 0))
         self.pos.masked_fill_(gone, -1)  # in place: the slot buffers keep their spare capacity
+        if self.static:  # fixed pools, no compaction (and no Python counter: a compiled step would guard on it)
+            return
         self._evictions += 1
-        if not self.static and self._evictions % self.COMPACT_EVERY == 1:
+        if self._evictions % self.COMPACT_EVERY == 1:
             self._compact_pools()
             live = self.pos >= 0
             if 2 * int(live.sum(1).max()) < self.used:
