@@ -39,6 +39,14 @@ class KeptStats:
         self._sum[layer] += s
         self._rows[layer] += r
 
+    def ready(self, layers, device) -> None:
+        """Create the accumulators of ``layers`` now (a compiled step then only adds to them in
+        place; one that created them would be traced again once they exist)."""
+        for l in layers:
+            if l not in self._sum:
+                self._sum[l] = torch.zeros((), dtype=torch.float64, device=device)
+                self._rows[l] = torch.zeros((), dtype=torch.long, device=device)
+
     def per_layer(self) -> dict[int, float]:
         return {l: float(self._sum[l] / self._rows[l]) for l in sorted(self._sum) if int(self._rows[l]) > 0}
 

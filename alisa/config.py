@@ -73,7 +73,8 @@ class ThroughputConf:
     prefill: Optional[str] = None  # the engine's prompt mode; None: grid.prefill
     int8: bool = False
     plan: str = "none"  # none: all KV on the device | auto: cost-model search under the budgets (needs a profile)
-    static: bool = False  # the engine's fixed-shape decode step (a CUDA graph on a GPU); needs int8=false
+    static: bool = False  # the engine's fixed-shape decode step (a CUDA graph on a GPU)
+    compiled: bool = False  # with static: that step compiled by torch.compile (inductor; a C++ compiler on the CPU)
     device_budget: Optional[int] = None  # bytes of KV the device tier may hold
     host_budget: Optional[int] = None
     flexgen_fraction: float = 0.5  # FlexGen-style baseline: fraction of the dense KV on the host

@@ -288,8 +288,11 @@ class ThroughputRunner:
             raise ConfigError(f"throughput.prefill={tc.prefill!r} is invalid: allowed are {', '.join(PREFILL_MODES)} or null")
         if tc.plan not in ("none", "auto"):
             raise ConfigError(f"throughput.plan={tc.plan!r} is invalid: allowed are none, auto")
-        if not isinstance(tc.static, bool):
-            raise ConfigError(f"throughput.static={tc.static!r} is invalid: allowed are true, false")
+        for key in ("static", "compiled"):
+            if not isinstance(tc[key], bool):
+                raise ConfigError(f"throughput.{key}={tc[key]!r} is invalid: allowed are true, false")
+        if tc.compiled and not tc.static:
+            raise ConfigError("throughput.compiled=true needs throughput.static=true: only the fixed-shape decode step is compiled")
         if not 0 <= tc.flexgen_fraction <= 1:
             raise ConfigError(f"throughput.flexgen_fraction={tc.flexgen_fraction!r} is invalid: allowed is a fraction in [0, 1]")
         context = model_context(cfg.model)
@@ -360,6 +363,8 @@ class ThroughputRunner:
                  "device_budget": tc.device_budget, "host_budget": tc.host_budget}
         if system == "engine" and tc.static:  # only when set: earlier records keep their identity
             ident["static"] = True
+            if tc.compiled:
+                ident["compiled"] = True
         if system == "flexgen":
             ident["flexgen_fraction"] = tc.flexgen_fraction
         return ident
@@ -395,7 +400,8 @@ class ThroughputRunner:
                 pred = predict(prof, model.config, dtype, pol, wl, Plan(), tc.device_budget, tc.host_budget)
         rec = measure(model, system, ids, tc.new_tokens, policy=pol, prefill=prefill, int8=tc.int8, plan=plan,
                       flexgen_fraction=tc.flexgen_fraction, device_budget=tc.device_budget, host_budget=tc.host_budget,
-                      prefilled=_PREFILLS.get(key) if shareable else None, static=system == "engine" and tc.static)
+                      prefilled=_PREFILLS.get(key) if shareable else None, static=system == "engine" and tc.static,
+                      compiled=system == "engine" and tc.compiled)
         if pred is not None:
             rec["predicted"] = pred.to_dict()
             if rec.get("decode_s") is not None:

@@ -17,21 +17,23 @@ SMALL = ["--prompt", "16", "--batch", "2", "--big-batch", "3", "--new", "4", "--
 
 
 def bench(*args, timeout=240):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # --compiled: dynamo's graph without inductor's code generation (tests/test_runtime.py checks inductor itself)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ALISA_COMPILE_BACKEND": "eager"}
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=env)
 
 
 def test_dry_run_writes_every_record_and_every_target(tmp_path):
     out = tmp_path / "dry.json"
-    r = bench("--dry", *SMALL, "--extra", "--out", str(out))  # --extra: every system at both batches
+    r = bench("--dry", *SMALL, "--extra", "--compiled", "--out", str(out))  # --extra: every system at both batches
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dry run: figures are not GPU figures" in r.stdout and "Traceback" not in r.stderr
-    assert f"reproduce: python scripts/bench_gpu.py --dry {' '.join(SMALL)} --extra --out {out}" in r.stdout
+    assert f"reproduce: python scripts/bench_gpu.py --dry {' '.join(SMALL)} --extra --compiled --out {out}" in r.stdout
     d = json.loads(out.read_text())
     assert d["dry"] is True and d["note"] == "dry run: figures are not GPU figures"
     engine = ["engine dense", "engine h2o@0.8", "engine swa@0.8"]
-    expected = ([f"b2 {s}" for s in ["stock", "hf_static", "hf_offloaded", "flexgen", *engine, *(e + " static" for e in engine)]]
+    expected = ([f"b2 {s}" for s in ["stock", "hf_static", "hf_offloaded", "flexgen", *engine, *(e + " static" for e in engine),
+                                     *(e + " compiled" for e in engine)]]
                 + [f"b3 {s}" for s in ["stock", "hf_static", *engine]]  # hf_static here and hf_offloaded at b2: --extra
                 + [f"b3-budget {s}" for s in ["hf_offloaded", "flexgen", "flexgen static", *engine, "engine swa@0.8 static"]])
     assert sorted(d["records"]) == sorted(expected)
@@ -41,11 +43,14 @@ def test_dry_run_writes_every_record_and_every_target(tmp_path):
             assert rec["status"] == "skipped" and "no GPU here" in rec["reason"], rec
         else:
             assert rec["status"] == "ok", (key, rec)
-            assert rec["step_s_mean"] > 0 and rec["throughput_tok_s"] > 0, key
+            assert rec["step_s_mean"] > 0 and rec["step_s_median"] > 0 and rec["throughput_tok_s"] > 0, key
     for e in engine:  # the fixed-shape step: no CUDA graphs on the CPU, and the record says so
         rec = d["records"][f"b2 {e} static"]
         assert rec["graph"] == "eager (no CUDA graphs on the CPU)"
         assert "0 host read-backs, 0 data-dependent shapes, 0 ops differ between two steps" in rec["audit"], rec["audit"]
+        comp = d["records"][f"b2 {e} compiled"]
+        assert comp["graph"] == "eager (no CUDA graphs on the CPU); compiled (eager, 1 graph)" and comp["compile_s"] > 0, comp
+        assert comp["tokens_fetched"] == rec["tokens_fetched"] and comp["kept_fraction"] == pytest.approx(rec["kept_fraction"])
     static = d["records"]["b2 hf_static"]
     assert static["compiled"] is False and "not compiled" in static["compile_reason"] and static["prefill_shared"] is True
     # under the budget the plan comes from the cost model's search with this run's profile, and dense offloads

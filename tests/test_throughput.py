@@ -50,13 +50,18 @@ def test_throughput_sweep_records_every_figure_and_baselines_once(tmp_path):
     assert "engine" in (run / "summary.txt").read_text()
 
 
-def test_static_engine_point_says_how_it_ran(tmp_path):
-    cfg = compose_cfg(["+experiment=throughput_quick", "grid.policies=[swa]", "throughput.batches=[2]",
-                       "throughput.systems=[engine]", "throughput.static=true", f"results_dir={tmp_path}", *SMALL])
+def test_static_engine_point_says_how_it_ran(tmp_path, monkeypatch):
+    from alisa.runtime.engine import Compiled
+
+    monkeypatch.setattr(Compiled, "BACKEND", "eager")  # dynamo's graph, no code generation: fast
+    cfg = compose_cfg(["+experiment=throughput_quick", "grid.policies=[swa]", "throughput.batches=[2]", "throughput.systems=[engine]",
+                       "throughput.static=true", "throughput.compiled=true", "model.name=random:smollm2-135m",
+                       "model.hf_config.num_hidden_layers=2", f"results_dir={tmp_path}", *SMALL])
     (rec,) = records(run_experiment(cfg)).values()
     t = rec["throughput"]
-    assert t["status"] == "ok" and t["graph"] == "eager (no CUDA graphs on the CPU)"
-    assert '"static": true' in json.dumps(rec)
+    assert t["status"] == "ok" and t["graph"] == "eager (no CUDA graphs on the CPU); compiled (eager, 1 graph)"
+    assert t["compile_s"] > 0 and t["step_s_median"] < t["step_s"][0]  # the first step traced the graph
+    assert rec["identity"]["static"] is True and rec["identity"]["compiled"] is True
 
 
 def test_out_of_memory_point_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -132,6 +137,7 @@ def test_pareto_front_keeps_only_non_dominated_points():
     ("throughput.systems=[warp]", "unknown throughput system 'warp': allowed are stock, hf_static, hf_offloaded, flexgen, engine"),
     ("throughput.plan=auto throughput.profile=/nonexistent.json", "throughput.profile='/nonexistent.json' does not exist"),
     ("throughput.batches=[0]", "throughput.batches entry 0 is invalid: allowed is an integer >= 1"),
+    ("throughput.compiled=true", "throughput.compiled=true needs throughput.static=true"),
 ])
 def test_bad_throughput_input_is_one_line(tmp_path, override, needle):
     out = subprocess.run([sys.executable, "-m", "alisa.eval", "+experiment=throughput_quick", *override.split(),

@@ -10,6 +10,7 @@ says. :meth:`Engine.generate` returns the tokens and what was measured.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import statistics
 import time
@@ -337,8 +338,14 @@ class Compiled:
     inductor cannot lower, more than ``RECOMPILE_LIMIT`` graphs), :attr:`error` says why and every
     later step runs uncompiled (a failed compile ran nothing)."""
 
-    BACKEND = "inductor"  # tests use "eager" (dynamo's tracing and guards without code generation)
+    BACKENDS = ("inductor", "aot_eager", "eager")  # the last two: dynamo's graph without code generation (fast; tests)
+    BACKEND = os.environ.get("ALISA_COMPILE_BACKEND", "inductor")
     RECOMPILE_LIMIT = 32
+
+    @classmethod
+    def check(cls) -> None:
+        if not callable(cls.BACKEND) and cls.BACKEND not in cls.BACKENDS:
+            raise ValueError(f"ALISA_COMPILE_BACKEND={cls.BACKEND!r} is invalid: allowed are {', '.join(cls.BACKENDS)}")
 
     def __init__(self, step):
         self.step, self.error, self.graphs, self.compile_s = step, None, 0, 0.0
@@ -456,6 +463,8 @@ class Engine:
         self.static = bool(static)
         if compiled and not self.static:
             raise ValueError(f"compiled={compiled!r} needs static=True: only the fixed-shape decode step is compiled")
+        if compiled:
+            Compiled.check()
         self.compiled = bool(compiled)
         self.linear = check_linear(linear)
 
@@ -509,6 +518,7 @@ class Engine:
                 step, after, extra = model, None, {"linear": linear}
                 if self.static:
                     cache.make_static()
+                    ctl.stats.ready(range(len(cache.tiered)), dev)
                     step, after = cache.static_step(model), cache.between_steps
                     compiled = step = Compiled(step) if self.compiled else step
                     step = Replayed(step, cache.static_key) if dev.type == "cuda" else step

@@ -17,6 +17,7 @@ Systems, measured side by side on the same prompts:
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict
 
@@ -76,7 +77,8 @@ def _cache_record(tokens: list[torch.Tensor], steps: list[float], prefill_s: flo
     return {"tokens": torch.stack(tokens, 1), "batch": B, "new_tokens": new_tokens,
             "throughput_tok_s": B * new_tokens / (prefill_s + decode_s), "decode_tok_s": B * len(steps) / decode_s if decode_s else None,
             "prefill_s": prefill_s, "decode_s": decode_s, "total_s": prefill_s + decode_s,
-            "step_s_mean": decode_s / len(steps) if steps else None, "step_s": list(steps),
+            "step_s_mean": decode_s / len(steps) if steps else None,
+            "step_s_median": statistics.median(steps) if steps else None, "step_s": list(steps),
             "kv_bytes_peak": {"device": kv, "host": 0}, "bytes_d2h": None, "bytes_h2d": None, "tokens_recomputed": 0,
             "peak_cuda_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}
 
@@ -161,9 +163,11 @@ def static_generate(model, ids: torch.Tensor, new_tokens: int, prefilled: Prefil
 def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy: str | Policy = "dense", sparsity: float | None = None,
               budget: int | None = None, prefill: str = "dense", int8: bool = False, plan: Plan | None = None,
               flexgen_fraction: float = 0.5, device_budget: int | None = None, host_budget: int | None = None,
-              prefilled: Prefilled | None = None, static: bool = False, linear: str = "auto") -> dict:
+              prefilled: Prefilled | None = None, static: bool = False, compiled: bool = False,
+              linear: str = "auto") -> dict:
     """Measure one system on ``ids``; returns a flat record (status ok / oom / skipped / failed).
     ``static``: the engine's fixed-shape decode step (captured as a CUDA graph on a GPU);
+    ``compiled``: that step compiled by ``torch.compile`` (:class:`~alisa.runtime.engine.Compiled`);
     ``linear``: the GEMM form of the engine's decode step (:mod:`alisa.runtime.linear`)."""
     if system not in SYSTEMS:
         raise ValueError(f"unknown system {system!r}: allowed are {', '.join(SYSTEMS)}")
@@ -188,7 +192,7 @@ def run_point(model, system: str, ids: torch.Tensor, new_tokens: int, *, policy:
             pl = plan or Plan()
         use_shared = prefilled if shares_dense_prefill(pol, prefill) else None
         eng = Engine(model, pol, prefill=prefill, plan=pl, int8=int8, device_budget=device_budget, host_budget=host_budget,
-                     static=static, linear=linear)
+                     static=static, compiled=compiled, linear=linear)
         g = eng.generate(ids, None, new_tokens, prefilled=use_shared)
         s = g.summary()
         return {**rec, "status": "ok", "prefill_shared": use_shared is not None, **pol.key, "prefill": prefill, "int8": int8,
