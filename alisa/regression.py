@@ -25,8 +25,9 @@ from .results import REPO, UnreadableFile, read_json_file, write_json
 
 GOLDEN = REPO / "results" / "golden" / "ci_regression.json"
 TOLERANCE = {
-    # dense: accuracy identical; perplexity up to float summation noise (another CPU's BLAS).
-    "dense": {"docs": 0, "rel": 1e-5},
+    # dense: accuracy identical; perplexity up to float summation noise (another CPU's BLAS: the
+    # first WikiText article's word perplexity is 52.4808 on one CI machine, 52.4814 on another, 1.1e-5).
+    "dense": {"docs": 0, "rel": 1e-4},
     # sparse: one document may flip where a top-k choice is a near-tie; perplexity relative.
     "sparse": {"docs": 1, "rel": 1e-3},
 }
