@@ -424,7 +424,8 @@ def _run(a, argv) -> int:
                     run(key, "engine", ids, new, policy=pol, prefill=prefill, prefilled=pf, static=True,
                         compiled=variant == "compiled")
                     r = rec.get(key)
-                    if r is not None and not str(r.get("graph", "")).startswith("captured"):  # say why, for the next try
+                    if variant == "static" and r is not None and not str(r.get("graph", "")).startswith("captured"):
+                        # say why, for the next try (the compiled variant's step is the same)
                         r["audit"] = audit_step(Engine(model, pol, prefill=prefill, static=True), ids[:2, :16])
                         print(f"  audit of that step: {r['audit']}", flush=True)
         del pf
