@@ -120,6 +120,10 @@ class PolicyState:
     def __init__(self, slot: dict[str, torch.Tensor] | None = None, other: dict[str, torch.Tensor] | None = None):
         self.slot = slot or {}
         self.other = other or {}
+        # a fixed-shape decode (the runtime's static step): sized for every query to come, past every
+        # prompt; a policy then keeps no host counter or flag that changes per step (a compiled step
+        # would be traced again for each value)
+        self.fixed = False
         self._spare: dict[str, torch.Tensor] = {}  # the buffers behind ``slot``
         self.n_max: int | None = None  # a host bound on q_pos + 1 of the queries to come (Policy.prepare)
 

@@ -172,7 +172,7 @@ class SnapKV(_Evicting):
         real = t >= 0
         window = real & (t >= P - self.window) & (t < P)
         state.slot["S"] += torch.where(window[:, None], row.to(torch.float64), 0.0)
-        if state.past_prompt:  # decode: the window and the compression are behind every row
+        if state.past_prompt or state.fixed:  # decode: the window and the compression are behind every row
             return
         last = real & (t == P - 1)
         any_last, past = torch.stack([last.any(), (real & (t >= P - 1)).all()]).tolist()  # one read-back
@@ -263,8 +263,9 @@ class Quest(Policy):
     def observe_keys(self, state: _PageState, key: torch.Tensor, pos: torch.Tensor) -> None:
         """Fold appended keys (B, H_kv, Q, D) at positions ``pos`` (B, Q; -1 padding) into the page bounds."""
         B, H, Q, D = key.shape
-        state.cols += Q
-        self._grow(state, -(-state.cols // self.page_size), key)  # real positions are < the columns appended
+        if not state.fixed:  # else sized for every position to come (prepare)
+            state.cols += Q
+            self._grow(state, -(-state.cols // self.page_size), key)  # real positions are < the columns appended
         dump = state.other["kmax"].shape[2] - 1
         page = torch.where(pos >= 0, torch.div(pos, self.page_size, rounding_mode="floor"), dump)
         idx = page[:, None, :, None].expand(B, H, Q, D)

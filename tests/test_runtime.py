@@ -169,6 +169,26 @@ def test_compiled_static_step_equals_the_uncompiled_one(monkeypatch):
         assert got.extra["compile_s"] > 0 and got.summary()["compile_s"] == got.extra["compile_s"]
 
 
+@pytest.mark.parametrize("policy,kw", POLICIES, ids=[p for p, _ in POLICIES])
+def test_every_policy_compiles_to_one_graph(policy, kw, monkeypatch):
+    """Every built-in policy's fixed step traces as one graph (no break, no host read, no per-step
+    Python number: snapkv's prompt flag and quest's column count are left alone once the state is
+    fixed), with and without host keys; tokens and logits are the uncompiled step's (numba route
+    on the CPU there: logits within float rounding)."""
+    from alisa.runtime.engine import Compiled
+
+    monkeypatch.setattr(Compiled, "BACKEND", "eager")
+    model = tiny_model("llama")
+    ids, mask = padded_batch(24)
+    for plan in (Plan(), Plan(alpha=1.0, p1=0)):
+        ref = Engine(model, policy, prefill="sparse", plan=plan, static=True, **kw).generate(ids, mask, NEW, keep_logits=True)
+        got = Engine(model, policy, prefill="sparse", plan=plan, static=True, compiled=True, **kw).generate(
+            ids, mask, NEW, keep_logits=True)
+        assert got.extra["graph"].endswith("compiled (eager, 1 graph)"), (plan, got.extra["graph"])
+        assert torch.equal(got.tokens, ref.tokens), plan
+        torch.testing.assert_close(got.extra["logits"], ref.extra["logits"], atol=1e-5, rtol=0)
+
+
 def test_compiled_step_specializes_per_phase_and_starts_afresh_each_run(monkeypatch):
     """Dynamo's tracing and guards (backend "eager": no code generation): with an offload and
     recomputation plan the compiled step is traced again only where what it does changes (a

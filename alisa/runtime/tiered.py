@@ -517,6 +517,8 @@ class TieredStore:
         self._compact(self.pos >= 0)
         self.loc = _remap(self.loc, self.tier == DEVICE, self.dev.fix(self._most(DEVICE) + new_tokens))
         C = self.used
+        if self.state is not None:
+            self.state.fixed = True  # sized at adoption for every query to come (Policy.prepare with n_max)
         for slots in (self.slots, self.state):
             if slots is not None:
                 slots.append(new_tokens)
