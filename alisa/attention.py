@@ -34,8 +34,7 @@ class KeptStats:
         real = q_pos >= 0
         frac = keep.sum(-1).double() / (q_pos + 1).clamp(min=1)
         s, r = (frac * real).sum(), real.sum()
-        if layer not in self._sum:  # accumulators updated in place from then on
-            self._sum[layer], self._rows[layer] = torch.zeros_like(s), torch.zeros_like(r)
+        self.ready((layer,), s.device)  # accumulators updated in place from then on
         self._sum[layer] += s
         self._rows[layer] += r
 

@@ -151,10 +151,11 @@ def test_a_wrong_selection_bound_is_an_error_not_wrong_tokens(monkeypatch):
 HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
-@pytest.mark.skipif(not HAS_CXX, reason="inductor's CPU backend builds C++: no compiler on this machine")
 def test_compiled_static_step_equals_the_uncompiled_one(monkeypatch):
     """``Engine(static=True, compiled=True)``: the fixed step compiled by inductor (its small ops
-    fused) gives the uncompiled step's tokens, logits within float rounding, one graph per run."""
+    fused) gives the uncompiled step's tokens, logits within float rounding, one graph per run.
+    (Without a C++ compiler inductor cannot build the CPU kernels: then the record must say so and
+    the step run uncompiled, with the same tokens.)"""
     from alisa import attention
 
     monkeypatch.setattr(attention, "ROUTE", "reference")  # the route the compiled step traces
@@ -163,9 +164,12 @@ def test_compiled_static_step_equals_the_uncompiled_one(monkeypatch):
     for policy, kw in POLICIES[:3]:
         ref = Engine(model, policy, prefill="sparse", static=True, **kw).generate(ids, mask, NEW, keep_logits=True)
         got = Engine(model, policy, prefill="sparse", static=True, compiled=True, **kw).generate(ids, mask, NEW, keep_logits=True)
-        assert got.extra["graph"].endswith("compiled (inductor, 1 graph)"), (policy, got.extra["graph"])
         assert torch.equal(got.tokens, ref.tokens), policy
         torch.testing.assert_close(got.extra["logits"], ref.extra["logits"], atol=1e-5, rtol=0)
+        if not HAS_CXX:
+            assert "not compiled (compile failed: " in got.extra["graph"], got.extra["graph"]
+            continue
+        assert got.extra["graph"].endswith("compiled (inductor, 1 graph)"), (policy, got.extra["graph"])
         assert got.extra["compile_s"] > 0 and got.summary()["compile_s"] == got.extra["compile_s"]
 
 

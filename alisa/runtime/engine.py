@@ -520,13 +520,14 @@ class Engine:
                     cache.make_static()
                     ctl.stats.ready(range(len(cache.tiered)), dev)
                     step, after = cache.static_step(model), cache.between_steps
-                    compiled = step = Compiled(step) if self.compiled else step
+                    compiled = Compiled(step) if self.compiled else None
+                    step = compiled or step
                     step = Replayed(step, cache.static_key) if dev.type == "cuda" else step
                 tokens, steps, logits = greedy_steps(step, last.argmax(-1), mask, cache, max_new_tokens, before, keep_logits,
                                                      static=self.static, after=after)
                 if self.static:
                     extra["graph"] = step.status if isinstance(step, Replayed) else "eager (no CUDA graphs on the CPU)"
-                    if self.compiled:
+                    if compiled is not None:
                         extra["graph"] += f"; {compiled.status}"
                         extra["compile_s"] = compiled.compile_s
                 if keep_logits:
