@@ -31,6 +31,57 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D102
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
+    def at_least(self, args, **least: int) -> None:
+        """Each named integer option of ``args`` (``None``: not given) is at least its bound."""
+        for k, low in least.items():
+            v = getattr(args, k)
+            if v is not None and v < low:
+                self.error(f"--{k.replace('_', '-')}={v} is invalid: allowed is an integer >= {low}")
+
+    def check(self, fn):
+        """``fn()``, its :class:`ConfigError` told as this parser's one-line error."""
+        try:
+            return fn()
+        except ConfigError as e:
+            self.error(str(e))
+
+    def device(self, name: str) -> None:
+        self.check(lambda: check_device(name, "--device"))
+
+    def fits(self, model: str, prompt: int, new: int) -> None:
+        """``--prompt`` + ``--new`` tokens fit ``model``'s context."""
+        context = model_context(ModelConf(name=model))
+        if context is not None and prompt + new > context:
+            self.error(f"--prompt + --new={prompt} + {new} is invalid: allowed is at most {context} tokens, the context of {model}")
+
+    def file_tag(self, tag: str | None) -> None:
+        """``--tag`` names a JSON file under results/: a plain name."""
+        if tag is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", tag):
+            self.error(f"--tag={tag!r} is invalid: allowed are letters, digits, '.', '_' and '-' (it names the JSON file)")
+
+
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # the last two: dynamo's graph without code generation (fast; tests)
+
+
+def check_device(name: str, option: str, machine: bool = True) -> None:
+    """``name`` is a device alisa runs on (and, with ``machine``, one this machine has)."""
+    if name not in DEVICES:
+        raise ConfigError(f"{option}={name!r} is invalid: allowed are {', '.join(DEVICES)}")
+    if name == "cuda" and machine:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option}='cuda' asked for, but no CUDA GPU is available here: use {option}=cpu")
+
+
+def compile_backend() -> str:
+    """The ``torch.compile`` backend of the compiled decode step (``ALISA_COMPILE_BACKEND``, default
+    inductor), checked before anything runs."""
+    name = os.environ.get("ALISA_COMPILE_BACKEND", "inductor")
+    if name not in COMPILE_BACKENDS:
+        raise ConfigError(f"ALISA_COMPILE_BACKEND={name!r} is invalid: allowed are {', '.join(COMPILE_BACKENDS)}")
+    return name
+
 
 @dataclass
 class ModelConf:
@@ -442,13 +493,7 @@ def validate(cfg, machine: bool = True) -> list[dict]:
     if cfg.max_length is not None and context is not None and cfg.max_length > context:
         raise ConfigError(f"max_length={cfg.max_length!r} is invalid: allowed is at most {context} tokens, the context "
                           f"of model {cfg.model.name!r} (or null)")
-    if cfg.model.device not in DEVICES:
-        raise ConfigError(f"model.device={cfg.model.device!r} is invalid: allowed are {', '.join(DEVICES)}")
-    if cfg.model.device == "cuda" and machine:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("model.device='cuda' asked for, but no CUDA GPU is available here: use model.device=cpu")
+    check_device(cfg.model.device, "model.device", machine)
     if cfg.logger.wandb == "online" and machine and not wandb_login_found():
         raise ConfigError("logger.wandb='online' needs a W&B login, and none was found here (`wandb login` or "
                           "WANDB_API_KEY): allowed here are logger=wandb_offline (sync later) or logger=none")

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import (REPO, ConfigError, _listify, model_context, point_id, policy_kwargs, register_configs,
+from .config import (REPO, ConfigError, _listify, compile_backend, model_context, point_id, policy_kwargs, register_configs,
                      shape_configs, validate)
 from .results import _umask_mode, git_commit, hardware, read_json, versions, write_atomic
 
@@ -293,6 +293,8 @@ class ThroughputRunner:
                 raise ConfigError(f"throughput.{key}={tc[key]!r} is invalid: allowed are true, false")
         if tc.compiled and not tc.static:
             raise ConfigError("throughput.compiled=true needs throughput.static=true: only the fixed-shape decode step is compiled")
+        if tc.compiled:
+            compile_backend()  # a bad ALISA_COMPILE_BACKEND: one line before any run
         if not 0 <= tc.flexgen_fraction <= 1:
             raise ConfigError(f"throughput.flexgen_fraction={tc.flexgen_fraction!r} is invalid: allowed is a fraction in [0, 1]")
         context = model_context(cfg.model)

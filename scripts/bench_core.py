@@ -18,7 +18,6 @@ Prints each target with its ratio; writes results/bench_core/<device>.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import subprocess
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import alisa  # noqa: E402
 from alisa import attention  # noqa: E402
+from alisa.config import OneLineArgumentParser  # noqa: E402
 from alisa.results import REPO, hardware, versions, write_json  # noqa: E402
 from alisa.runtime.throughput import workload_prompts  # noqa: E402
 
@@ -118,11 +118,12 @@ def paper_accuracy() -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cpu")
+    ap = OneLineArgumentParser(prog="python scripts/bench_core.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--skip-4096", action="store_true")
     ap.add_argument("--skip-paper", action="store_true")
     a = ap.parse_args()
+    ap.device(a.device)
     model, tok = alisa.load_model("smollm2-135m", device=a.device)
     print(f"SmolLM2-135M fp32 on {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)
     text = workload_prompts(tok, 8, 4096, seed=0)

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alisa.config import OneLineArgumentParser  # noqa: E402
+from alisa.config import OneLineArgumentParser, compile_backend  # noqa: E402
 from alisa.results import REPO, git_commit, hardware, versions, write_json  # noqa: E402
 from alisa.runtime import SYSTEMS  # noqa: E402
 
@@ -77,10 +77,9 @@ def parse(argv):
     for k, v in DEFAULTS[a.dry].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
-    for k in ("prompt", "batch", "big_batch", "new", "big_new", "layers", "hidden"):
-        v = getattr(a, k)
-        if v is not None and v < (2 if k in ("new", "big_new") else 1):
-            ap.error(f"--{k.replace('_', '-')}={v} is invalid: allowed is an integer >= {2 if k in ('new', 'big_new') else 1}")
+    ap.at_least(a, prompt=1, batch=1, big_batch=1, new=2, big_new=2, layers=1, hidden=1)
+    if a.compiled:
+        ap.check(compile_backend)
     if a.budget_gib is not None and not (a.budget_gib > 0 and math.isfinite(a.budget_gib)):
         ap.error(f"--budget-gib={a.budget_gib} is invalid: allowed is a number of GiB > 0")
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]

@@ -16,7 +16,6 @@ Writes results/bench_runtime/<tag>.json (with every decode step's time).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alisa.config import OneLineArgumentParser  # noqa: E402
 from alisa.models import load_model  # noqa: E402
 from alisa.profile import hbm_copy_bandwidth  # noqa: E402
 from alisa.results import REPO, hardware, versions, write_json  # noqa: E402
@@ -45,13 +45,17 @@ def matmul_rate(device, dtype) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = OneLineArgumentParser(prog="python scripts/bench_runtime.py", description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=4096)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tag", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--tag", default=None, help="names results/bench_runtime/<tag>.json")
     a = ap.parse_args()
+    ap.at_least(a, batch=1, prompt=1, new=2)  # new: the prompt's token plus at least one decode step
+    ap.file_tag(a.tag)
+    ap.device(a.device)
+    ap.fits("smollm2-135m", a.prompt, a.new)
     model, tok = load_model("smollm2-135m", device=a.device)
     dev = torch.device(a.device)
     cfg = model.config

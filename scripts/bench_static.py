@@ -19,7 +19,6 @@ steps of a run compile; their seconds are printed apart).
 
 from __future__ import annotations
 
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alisa.config import OneLineArgumentParser  # noqa: E402
+from alisa.config import OneLineArgumentParser, compile_backend  # noqa: E402
 from alisa.results import REPO, hardware, versions, write_json  # noqa: E402
 from alisa.runtime.tiered import Plan  # noqa: E402
 
@@ -48,12 +47,11 @@ def main() -> int:
     ap.add_argument("--tag", default=None)
     ap.add_argument("--compiled", action="store_true", help="also the static step compiled by torch.compile (inductor)")
     a = ap.parse_args()
-    for k in ("batch", "prompt", "new", "rounds"):
-        v, least = getattr(a, k), 2 if k == "new" else 1  # new: the prompt's token plus at least one decode step
-        if v < least:
-            ap.error(f"--{k}={v} is invalid: allowed is an integer >= {least}")
-    if a.tag is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", a.tag):
-        ap.error(f"--tag={a.tag!r} is invalid: allowed are letters, digits, '.', '_' and '-' (it names the JSON file)")
+    ap.at_least(a, batch=1, prompt=1, new=2, rounds=1)  # new: the prompt's token plus at least one decode step
+    ap.file_tag(a.tag)
+    ap.fits("smollm2-135m", a.prompt, a.new)
+    if a.compiled:
+        ap.check(compile_backend)
     from alisa.models import load_model  # the model stack after the arguments: bad input is told at once
     from alisa.runtime.engine import Engine, dense_prefill
     from alisa.runtime.throughput import workload_prompts

@@ -104,13 +104,26 @@ def test_bad_input_is_one_line(tmp_path, args, needle):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("args,msg", [(["--new", "1"], "--new=1 is invalid: allowed is an integer >= 2"),
-                                      (["--rounds", "0"], "--rounds=0 is invalid: allowed is an integer >= 1"),
-                                      (["--tag", "../x"], "--tag='../x' is invalid")])
-def test_bench_static_bad_input_is_one_line(args, msg):
-    """scripts/bench_static.py checks its arguments before loading anything: one line, exit 2."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_static.py"), *args], cwd=REPO, capture_output=True,
+@pytest.mark.parametrize("script,args,msg", [
+    ("bench_static", ["--new", "1"], "--new=1 is invalid: allowed is an integer >= 2"),
+    ("bench_static", ["--rounds", "0"], "--rounds=0 is invalid: allowed is an integer >= 1"),
+    ("bench_static", ["--tag", "../x"], "--tag='../x' is invalid"),
+    ("bench_static", ["--prompt", "8190", "--new", "3"], "--prompt + --new=8190 + 3 is invalid: allowed is at most 8192 tokens"),
+    ("bench_static", ["--compiled", "ALISA_COMPILE_BACKEND=tvm"], "ALISA_COMPILE_BACKEND='tvm' is invalid"),
+    ("bench_runtime", ["--batch", "0"], "--batch=0 is invalid: allowed is an integer >= 1"),
+    ("bench_runtime", ["--device", "tpu"], "--device='tpu' is invalid: allowed are cpu, cuda"),
+    ("bench_runtime", ["--tag", "a/b"], "--tag='a/b' is invalid"),
+    ("bench_runtime", ["--prompt", "9000"], "--prompt + --new=9000 + 32 is invalid"),
+    ("bench_runtime", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("bench_core", ["--device", "tpu"], "--device='tpu' is invalid: allowed are cpu, cuda"),
+    ("bench_gpu", ["--dry", "--compiled", "ALISA_COMPILE_BACKEND=tvm"], "ALISA_COMPILE_BACKEND='tvm' is invalid"),
+])
+def test_bench_scripts_bad_input_is_one_line(script, args, msg):
+    """The bench scripts check their arguments (and the compile backend) before running anything: one line, exit 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           **dict(a.split("=", 1) for a in args if a.startswith("ALISA_"))}
+    args = [a for a in args if not a.startswith("ALISA_")]
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / f"{script}.py"), *args], cwd=REPO, capture_output=True,
                        text=True, timeout=120, env=env)
     lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stdout + r.stderr

@@ -229,7 +229,8 @@ def test_a_failed_compile_runs_the_step_uncompiled_and_says_why(monkeypatch):
     assert g.extra["graph"].endswith("not compiled (compile failed: BackendCompilerFailed: RuntimeError: no compiler here)")
     with pytest.raises(ValueError, match=r"^compiled=True needs static=True"):
         Engine(model, "dense", compiled=True)
-    monkeypatch.setattr(Compiled, "BACKEND", "tvm")
+    monkeypatch.setattr(Compiled, "BACKEND", None)  # the environment's
+    monkeypatch.setenv("ALISA_COMPILE_BACKEND", "tvm")
     with pytest.raises(ValueError, match=r"^ALISA_COMPILE_BACKEND='tvm' is invalid: allowed are inductor, aot_eager, eager$"):
         Engine(model, "dense", static=True, compiled=True)
 

@@ -1,6 +1,7 @@
 """Throughput sweeps through the Hydra runner: records, baselines, OOM, plans, the tradeoff report."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -138,10 +139,14 @@ def test_pareto_front_keeps_only_non_dominated_points():
     ("throughput.plan=auto throughput.profile=/nonexistent.json", "throughput.profile='/nonexistent.json' does not exist"),
     ("throughput.batches=[0]", "throughput.batches entry 0 is invalid: allowed is an integer >= 1"),
     ("throughput.compiled=true", "throughput.compiled=true needs throughput.static=true"),
+    ("ALISA_COMPILE_BACKEND=tvm throughput.static=true throughput.compiled=true",
+     "ALISA_COMPILE_BACKEND='tvm' is invalid: allowed are inductor, aot_eager, eager"),
 ])
 def test_bad_throughput_input_is_one_line(tmp_path, override, needle):
-    out = subprocess.run([sys.executable, "-m", "alisa.eval", "+experiment=throughput_quick", *override.split(),
-                          f"results_dir={tmp_path}", "logger=none"], cwd=REPO, capture_output=True, text=True)
+    env = {**os.environ, **dict(w.split("=", 1) for w in override.split() if w.startswith("ALISA_"))}
+    args = [w for w in override.split() if not w.startswith("ALISA_")]
+    out = subprocess.run([sys.executable, "-m", "alisa.eval", "+experiment=throughput_quick", *args,
+                          f"results_dir={tmp_path}", "logger=none"], cwd=REPO, capture_output=True, text=True, env=env)
     assert out.returncode == 2
     lines = [l for l in out.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], out.stderr[-2000:]

@@ -10,7 +10,6 @@ says. :meth:`Engine.generate` returns the tokens and what was measured.
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
 import statistics
 import time
@@ -338,25 +337,26 @@ class Compiled:
     inductor cannot lower, more than ``RECOMPILE_LIMIT`` graphs), :attr:`error` says why and every
     later step runs uncompiled (a failed compile ran nothing)."""
 
-    BACKENDS = ("inductor", "aot_eager", "eager")  # the last two: dynamo's graph without code generation (fast; tests)
-    BACKEND = os.environ.get("ALISA_COMPILE_BACKEND", "inductor")
+    BACKEND = None  # None: ``ALISA_COMPILE_BACKEND`` (:func:`alisa.config.compile_backend`); tests set a name or a callable
     RECOMPILE_LIMIT = 32
 
     @classmethod
-    def check(cls) -> None:
-        if not callable(cls.BACKEND) and cls.BACKEND not in cls.BACKENDS:
-            raise ValueError(f"ALISA_COMPILE_BACKEND={cls.BACKEND!r} is invalid: allowed are {', '.join(cls.BACKENDS)}")
+    def backend(cls):
+        from ..config import compile_backend  # (the config module brings Hydra: only where a step is compiled)
+
+        return compile_backend() if cls.BACKEND is None else cls.BACKEND
 
     def __init__(self, step):
         self.step, self.error, self.graphs, self.compile_s = step, None, 0, 0.0
+        self.backend_name = self.backend()
         torch._dynamo.eval_frame.remove_from_cache(step)  # the last run's graphs (its closure shares this code)
-        self.fn = torch.compile(step, backend=self.BACKEND, dynamic=False, fullgraph=True)
+        self.fn = torch.compile(step, backend=self.backend_name, dynamic=False, fullgraph=True)
 
     @property
     def status(self) -> str:
         if self.error:
             return f"not compiled (compile failed: {self.error})"
-        return f"compiled ({self.BACKEND}, {self.graphs} graph{'s' if self.graphs != 1 else ''})"
+        return f"compiled ({self.backend_name}, {self.graphs} graph{'s' if self.graphs != 1 else ''})"
 
     def __call__(self, **inputs):
         if self.error is not None:
@@ -464,7 +464,7 @@ class Engine:
         if compiled and not self.static:
             raise ValueError(f"compiled={compiled!r} needs static=True: only the fixed-shape decode step is compiled")
         if compiled:
-            Compiled.check()
+            Compiled.backend()  # a bad ALISA_COMPILE_BACKEND: one line now, not at the first step
         self.compiled = bool(compiled)
         self.linear = check_linear(linear)
 
