@@ -1,5 +1,6 @@
 """The runtime engine computes what the core decode path computes, moves what it says it moves."""
 
+import re
 import shutil
 
 import pytest
@@ -153,9 +154,13 @@ HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 def test_compiled_static_step_equals_the_uncompiled_one(monkeypatch):
     """``Engine(static=True, compiled=True)``: the fixed step compiled by inductor (its small ops
-    fused) gives the uncompiled step's tokens, logits within float rounding, one graph per run.
-    (Without a C++ compiler inductor cannot build the CPU kernels: then the record must say so and
-    the step run uncompiled, with the same tokens.)"""
+    fused) gives the uncompiled step's tokens, logits within float rounding, one graph per run,
+    and writes the KV pools in place: the generated code allocates nothing of a pool's shape (a
+    ``scatter_`` into a pool compiled to a copy of the whole pool and a copy back, every layer and
+    step). (Without a C++ compiler inductor cannot build the CPU kernels: then the record must say
+    so and the step run uncompiled, with the same tokens.)"""
+    from torch._inductor.utils import run_and_get_code
+
     from alisa import attention
 
     monkeypatch.setattr(attention, "ROUTE", "reference")  # the route the compiled step traces
@@ -163,7 +168,8 @@ def test_compiled_static_step_equals_the_uncompiled_one(monkeypatch):
     ids, mask = padded_batch(24)
     for policy, kw in POLICIES[:3]:
         ref = Engine(model, policy, prefill="sparse", static=True, **kw).generate(ids, mask, NEW, keep_logits=True)
-        got = Engine(model, policy, prefill="sparse", static=True, compiled=True, **kw).generate(ids, mask, NEW, keep_logits=True)
+        got, code = run_and_get_code(lambda: Engine(model, policy, prefill="sparse", static=True, compiled=True, **kw).generate(
+            ids, mask, NEW, keep_logits=True))
         assert torch.equal(got.tokens, ref.tokens), policy
         torch.testing.assert_close(got.extra["logits"], ref.extra["logits"], atol=1e-5, rtol=0)
         if not HAS_CXX:
@@ -171,6 +177,9 @@ def test_compiled_static_step_equals_the_uncompiled_one(monkeypatch):
             continue
         assert got.extra["graph"].endswith("compiled (inductor, 1 graph)"), (policy, got.extra["graph"])
         assert got.extra["compile_s"] > 0 and got.summary()["compile_s"] == got.extra["compile_s"]
+        src = "\n".join(code)
+        pools = set(re.findall(r"assert_size_stride\(\w+, (\(\d+, \d+, \d+, \d+\))", src))  # the 4-d inputs: K, V pools
+        assert pools and not [p for p in pools if f"empty_strided_cpu({p}" in src], (policy, pools)
 
 
 @pytest.mark.parametrize("policy,kw", POLICIES, ids=[p for p, _ in POLICIES])

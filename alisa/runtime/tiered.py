@@ -186,6 +186,16 @@ def _take(t: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return t.gather(2, cols[:, None, :, None].expand(B, H, cols.shape[1], D))
 
 
+def _put(t: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> None:
+    """t (B, H, cap, D) at per-row columns cols (B, m) <- v (B, H, m, D), in place.
+
+    An indexed assignment (``index_put_``), not ``scatter_``: compiled, inductor writes a graph
+    input's ``index_put_`` in place, but turns a ``scatter_`` into a copy of the whole pool and a
+    copy back (three times the pool's bytes per step; over the link for a mapped host pool)."""
+    rows = torch.arange(t.shape[0], device=t.device)[:, None].expand_as(cols)
+    t[rows, :, cols] = v.transpose(1, 2)  # advanced indices around a slice: (B, m, H, D)
+
+
 def _mapped(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A tensor on CUDA ``device`` whose memory is ``t``'s (contiguous, pinned host memory: with
     unified virtual addressing it is mapped into the device's address space, so kernels read and
@@ -314,16 +324,14 @@ class Pool:
         if m == 1:  # one token: the first free column (every row has one), written whatever its validity
             cols = (~live).to(torch.uint8).argmax(1, keepdim=True)
             for k, v in enc.items():
-                b = bufs[k]
-                b.scatter_(2, cols[:, None, :, None].expand(B, b.shape[1], 1, b.shape[3]), v)
+                _put(bufs[k], cols, v)
             live.scatter_(1, cols, valid)
             return torch.where(valid, cols, -1)
         cols = torch.sort(live.to(torch.int8), dim=1, stable=True).indices[:, :m]
         # without spare columns a row's invalid tokens (after its valid ones) may land on live columns: they write back what is there
         for k, v in enc.items():
             b = bufs[k]
-            where = cols[:, None, :, None].expand(B, b.shape[1], m, b.shape[3])
-            b.scatter_(2, where, v if spare else torch.where(valid[:, None, :, None], v, b.gather(2, where)))
+            _put(b, cols, v if spare else torch.where(valid[:, None, :, None], v, _take(b, cols)))
         live.scatter_(1, cols, valid if spare else valid | live.gather(1, cols))
         return torch.where(valid, cols, -1)
 
