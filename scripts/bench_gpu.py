@@ -3,6 +3,7 @@
     python scripts/bench_gpu.py                  # one H100/H200: designed for <= 8 minutes
     python scripts/bench_gpu.py --new 512        # longer generation at batch 16
     python scripts/bench_gpu.py --dry            # the same code paths on the CPU, a tiny OPT-like shape
+    python scripts/bench_gpu.py --deadline 480   # under a 10-minute limit: no run starts after 8 minutes
 
 In one process: the machine's rates (``alisa.profile.measure``: the device copy bandwidth, pinned
 host <-> device bandwidth, the runtime's gather + copy, the cost model's profile), then, on
@@ -22,6 +23,10 @@ not run), the reproducing command, and writes results/bench_gpu/<card>.json (``-
 and (b) then use whichever captured step (plain or compiled) is faster. A decode step's time (the
 table's, (a)'s and (b)'s) is the run's median step: its first steps pay a capture or a compile
 (the mean and every step are in the JSON).
+The JSON is rewritten after every run, marked ``partial`` until the end, so a run killed at a time
+limit keeps what it measured; ``--deadline S`` starts no run after S seconds (each is recorded as
+skipped, saying so) and ends normally, targets and all; ``--small-only`` runs only the small batch.
+A device that fails for good (a sticky CUDA error) ends the runs the same way.
 Without a CUDA device and without ``--dry``: one line, exit 2, nothing written.
 """
 
@@ -72,6 +77,11 @@ def parse(argv):
                     help="also the engine's fixed-shape step compiled by torch.compile (inductor) at the small batch "
                          "(a compile per policy: about a minute each on a GPU)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
+    ap.add_argument("--small-only", action="store_true",
+                    help=f"only the small batch (no large-batch runs: targets (c) and (d) are N/A)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds from the start after which no further run starts (each is recorded as skipped) "
+                         "and the results so far are written: keep it under a time limit that would kill the run")
     ap.add_argument("--out", default=None, help="output JSON (default results/bench_gpu/<card>.json; dry: dry.json)")
     a = ap.parse_args(argv)
     for k, v in DEFAULTS[a.dry].items():
@@ -82,6 +92,8 @@ def parse(argv):
         ap.check(compile_backend)
     if a.budget_gib is not None and not (a.budget_gib > 0 and math.isfinite(a.budget_gib)):
         ap.error(f"--budget-gib={a.budget_gib} is invalid: allowed is a number of GiB > 0")
+    if a.deadline is not None and not (a.deadline > 0 and math.isfinite(a.deadline)):
+        ap.error(f"--deadline={a.deadline} is invalid: allowed is a number of seconds > 0")
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     bad = [s for s in a.systems if s not in SYSTEMS]
     if bad or not a.systems:
@@ -138,21 +150,27 @@ def _first_line(e: BaseException) -> str:
 
 
 def measure_one(model, system, ids, new, **kw) -> dict:
-    """run_point, with any failure recorded (one line) instead of ending the run."""
+    """run_point, with any failure recorded (one line) instead of ending the run. A device that
+    fails after the run (a sticky CUDA error: every later call fails too) is ``device_error``."""
+    from alisa.runtime.engine import BudgetTooSmall
     from alisa.runtime.throughput import run_point
 
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
     try:
         r = run_point(model, system, ids, new, **kw)
-    except ValueError as e:  # a budget below what any plan needs (the engine says the minimum)
+    except BudgetTooSmall as e:  # a budget below what any plan needs (the engine says the minimum)
         r = {"system": system, "status": "skipped", "reason": str(e)}
     except Exception as e:  # noqa: BLE001  (a benchmark goes on; the record says what failed)
         r = {"system": system, "status": "failed", "error": _first_line(e)}
     r.pop("tiers_per_step", None)
     r["wall_s"] = time.perf_counter() - t0
     if dev.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001
+            r["device_error"] = _first_line(e)
     return r
 
 
@@ -186,7 +204,7 @@ def row(name: str, r: dict) -> str:
         return fmt.format(v * scale) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
     kv = r.get("kv_bytes_peak") or {}
-    moved = (r.get("bytes_h2d") or 0) + (r.get("bytes_d2h") or 0)
+    moved = (r.get("bytes_h2d") or 0) + (r.get("bytes_d2h") or 0) if r.get("status") == "ok" else None
     note = r.get("reason") or r.get("error") or ""
     if r.get("status") == "ok":
         bits = []
@@ -220,7 +238,7 @@ def _ok(r: dict | None) -> bool:
 def _why(*recs) -> str:
     for name, r in recs:
         if r is None:
-            return f"{name} was not run (--systems)"
+            return f"{name} was not run (--systems or --small-only)"
         if r.get("status") != "ok":
             return f"{name} did not run: {r.get('status')} ({r.get('reason') or r.get('error') or ''})"
     return ""
@@ -251,24 +269,31 @@ def targets(rec: dict, a, rates: dict, roof_s: float) -> list[dict]:
     def captured(label):
         runs = [(f"{b} {label} {v}", g(f"{b} {label} {v}")) for v in ("static", "compiled")]
         ok = [(k, r) for k, r in runs if _ok(r) and str(r.get("graph", "")).startswith("captured")]
-        return min(ok, key=lambda kr: step(kr[1])) if ok else runs[0]
+        if ok:
+            return (*min(ok, key=lambda kr: step(kr[1])), "")
+        k, r = runs[0]  # measured all the same, and said
+        return k, r, f"{k} not captured: {r.get('graph')}" if _ok(r) else ""
 
-    dense_key, dense = captured("engine dense")
+    dense_key, dense, dense_note = captured("engine dense")
     stock = g(f"{b} stock")
     add(f"(a) engine dense step (batch {a.batch}) <= 2x bytes roofline", 2.0, True, [(dense_key, dense)],
-        lambda: step(dense) / roof_s)
+        lambda: step(dense) / roof_s, lambda: (True, dense_note))
     add(f"(a) engine dense step <= 0.5x stock eager step (batch {a.batch})", 0.5, True,
-        [(dense_key, dense), (f"{b} stock", stock)], lambda: step(dense) / step(stock))
+        [(dense_key, dense), (f"{b} stock", stock)], lambda: step(dense) / step(stock), lambda: (True, dense_note))
     for pol in ("swa", "h2o"):
-        key, r = captured(f"engine {pol}@0.8")
+        key, r, note = captured(f"engine {pol}@0.8")
 
-        def nothing_moved(r=r):
+        def nothing_moved(r=r, notes=[n for n in (note, dense_note) if n]):
             moved = (r["bytes_h2d"] or 0) + (r["bytes_d2h"] or 0) + (r["kv_bytes_peak"].get("host") or 0)
-            return moved == 0, "" if moved == 0 else f"{moved} B offloaded or moved: the target is with nothing offloaded"
+            if moved:
+                notes = [*notes, f"{moved} B offloaded or moved: the target is with nothing offloaded"]
+            return moved == 0, "; ".join(notes)
 
         add(f"(b) {pol}@0.8 step <= 1.15x engine dense (batch {a.batch}, nothing offloaded)", 1.15, True,
             [(key, r), (dense_key, dense)], lambda r=r: step(r) / step(dense), nothing_moved)
-    moving = [(k, r) for k, r in rec.items() if k.startswith(f"{B}-budget engine") and _ok(r)
+    # (c): the eager step's moves, timed by the link; a static step reads host tokens through mapped memory inside its
+    # kernels (no copy to time), so its bytes have no seconds of their own
+    moving = [(k, r) for k, r in rec.items() if k.startswith(f"{B}-budget engine") and not k.endswith(" static") and _ok(r)
               and (r.get("bytes_h2d") or 0) + (r.get("bytes_d2h") or 0) > 0 and (r.get("seconds_transfer") or 0) > 0]
     moved = sum((r["bytes_h2d"] or 0) + (r["bytes_d2h"] or 0) for _, r in moving)
     secs = sum(r["seconds_transfer"] for _, r in moving)
@@ -303,19 +328,19 @@ def targets(rec: dict, a, rates: dict, roof_s: float) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print("interrupted; nothing was saved (rerun the same command)", file=sys.stderr)
-        return 130
-
-
-def _main(argv) -> int:
     a = parse(argv)
+    a.saved = None  # where the runs so far were written (after each run), if anywhere
+
+    def kept() -> str:
+        return f"the runs before it are in {a.saved} (marked partial)" if a.saved else "nothing was saved"
+
     try:
         return _run(a, argv)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # outside any one system: nothing was saved
-        print(f"error: the benchmark failed ({_first_line(e)}); nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"interrupted; {kept()} (rerun the same command)", file=sys.stderr)
+        return 130
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # outside any one system's run
+        print(f"error: the benchmark failed ({_first_line(e)}); {kept()}", file=sys.stderr)
         return 1
 
 
@@ -374,20 +399,56 @@ def _run(a, argv) -> int:
 
     rec: dict[str, dict] = {}
     dense_prefills: dict[int, float] = {}
+    broken: list[str] = []  # the device failed (a sticky CUDA error): nothing more can run on it
+    result = {
+        "dry": a.dry, **({"note": DRY_NOTE} if a.dry else {}), "model": name, "shape": shape,
+        "workload": {"prompt": a.prompt, "batch": a.batch, "new_tokens": a.new, "big_batch": a.big_batch,
+                     "big_new_tokens": a.big_new, "device_budget": budget, "device_budget_why": budget_why},
+        "rates": rates, "weight_bytes": weight_bytes, "kv_bytes_per_token": kvb, "profile": prof.to_dict(), "records": rec,
+        "command": command, "hardware": hardware(dev.type), "versions": versions(), "git": git_commit()}
+
+    def save(partial: bool) -> None:
+        """Write what was measured (atomic); ``partial`` after each run, so a run killed at a time limit keeps it
+        (a partial write that fails is retried at the next run; the final one reports)."""
+        try:
+            write_json(out, {**({"partial": "the run did not finish: records so far, no targets"} if partial else {}),
+                             **result, "wall_s": time.perf_counter() - t_start})
+            a.saved = out
+        except OSError:
+            if not partial:
+                raise
+
+    def stop() -> str | None:
+        if broken:
+            return f"not run: the device failed earlier ({broken[0]})"
+        if a.deadline is not None and time.perf_counter() - t_start > a.deadline:
+            return f"not run: --deadline {a.deadline:g} s passed ({time.perf_counter() - t_start:.0f} s in)"
+        return None
 
     def run(key, system, ids, new, **kw):
         if system not in a.systems:
             return
-        r = measure_one(model, system, ids, new, **kw)
+        why = stop()
+        r = {"system": system, "status": "skipped", "reason": why} if why else measure_one(model, system, ids, new, **kw)
+        if r.get("device_error"):
+            broken.append(f"after {key}: {r['device_error']}")
         rec[key] = r
+        save(partial=True)  # before its row: a printed row is a saved one
         print(row(key, r), flush=True)
 
     def runs_at(B: int, new: int, budget: int | None, systems: list[str]):
         ids = workload_prompts(None, B, a.prompt, seed=0, vocab=cfg.vocab_size)
         wl = Workload(B, a.prompt, new)
-        dense_prefill(model, ids)  # untimed: the first prompt pass at this shape (kernel choices, allocator)
-        pf = dense_prefill(model, ids)
-        dense_prefills.setdefault(B, pf.seconds)
+        pf = None
+        if stop() is None:  # else every run below records why it did not run
+            try:
+                dense_prefill(model, ids)  # untimed: the first prompt pass at this shape (kernel choices, allocator)
+                pf = dense_prefill(model, ids)
+                dense_prefills.setdefault(B, pf.seconds)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: the stage's runs say so
+                broken.append(f"the dense prefill at batch {B} failed: {_first_line(e)}")
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
         tag = f"b{B}" + ("-budget" if budget is not None else "")
         for s in ("stock", "hf_static", "hf_offloaded"):
             if s in systems:
@@ -423,7 +484,7 @@ def _run(a, argv) -> int:
                     run(key, "engine", ids, new, policy=pol, prefill=prefill, prefilled=pf, static=True,
                         compiled=variant == "compiled")
                     r = rec.get(key)
-                    if variant == "static" and r is not None and not str(r.get("graph", "")).startswith("captured"):
+                    if variant == "static" and _ok(r) and not str(r.get("graph", "")).startswith("captured"):
                         # say why, for the next try (the compiled variant's step is the same)
                         r["audit"] = audit_step(Engine(model, pol, prefill=prefill, static=True), ids[:2, :16])
                         print(f"  audit of that step: {r['audit']}", flush=True)
@@ -439,17 +500,21 @@ def _run(a, argv) -> int:
     # What the targets need, within the time a GPU run is designed for; --extra adds hf_offloaded at the small
     # batch (it moves all KV both ways every step: minutes) and hf_static at the large one (a second compile)
     runs_at(a.batch, a.new, None, ["stock", "hf_static", "flexgen", "engine"] + (["hf_offloaded"] if a.extra else []))
-    runs_at(a.big_batch, a.big_new, None, ["stock", "engine"] + (["hf_static"] if a.extra else []))
-    runs_at(a.big_batch, a.big_new, budget, ["hf_offloaded", "flexgen", "engine"])
+    if not a.small_only:
+        runs_at(a.big_batch, a.big_new, None, ["stock", "engine"] + (["hf_static"] if a.extra else []))
+        runs_at(a.big_batch, a.big_new, budget, ["hf_offloaded", "flexgen", "engine"])
 
     # (a)'s roofline: the weights and the mean dense KV of a step at the small batch, read at the copy's traffic rate
     mean_ctx = a.prompt + a.new / 2  # decode step j (1..new-1) attends prompt + j tokens
     roof_s = (weight_bytes + kvb * a.batch * mean_ctx) / (2 * prof.hbm_copy_bw)
-    rates["dense_prefill_s"] = dense_prefills[a.batch]
+    rates["dense_prefill_s"] = dense_prefills.get(a.batch)
     tg = targets(rec, a, rates, roof_s)
+    pf_s = rates["dense_prefill_s"]
     print(f"\nbytes roofline of a dense step at batch {a.batch}: {roof_s * 1e3:.2f} ms (weights {weight_bytes / 1e9:.3f} GB + "
           f"mean KV {kvb * a.batch * mean_ctx / 1e9:.3f} GB at {2 * prof.hbm_copy_bw / 1e9:.1f} GB/s, the copy's read+write "
-          f"traffic); dense prefill (batch {a.batch}) {rates['dense_prefill_s']:.3f} s")
+          f"traffic); dense prefill (batch {a.batch}) {'-' if pf_s is None else f'{pf_s:.3f} s'}")
+    if broken:
+        print(f"the device failed: {broken[0]}; later runs did not run")
     if rates.get("tier_transfer_bw"):
         print(f"tier transfer rate under the budget: {rates['tier_transfer_bw'] / 1e9:.2f} GB/s "
               f"({', '.join(rates['tier_transfer_from'])})")
@@ -459,18 +524,12 @@ def _run(a, argv) -> int:
     if a.dry:
         print(DRY_NOTE)
     print(f"\nreproduce: {command}")
-    result = {
-        "dry": a.dry, **({"note": DRY_NOTE} if a.dry else {}), "model": name, "shape": shape,
-        "workload": {"prompt": a.prompt, "batch": a.batch, "new_tokens": a.new, "big_batch": a.big_batch,
-                     "big_new_tokens": a.big_new, "device_budget": budget, "device_budget_why": budget_why},
-        "rates": rates, "weight_bytes": weight_bytes, "kv_bytes_per_token": kvb, "step_roofline_s": roof_s,
-        "profile": prof.to_dict(), "records": rec, "targets": tg, "command": command,
-        "wall_s": time.perf_counter() - t_start, "hardware": hardware(dev.type), "versions": versions(), "git": git_commit()}
+    result.update(step_roofline_s=roof_s, targets=tg, **({"device_failed": broken[0]} if broken else {}))
     try:
-        write_json(out, result)  # atomic: a failed write leaves no partial file
+        save(partial=False)  # atomic: a failed write leaves the last partial one (or nothing)
     except OSError as e:
         print(f"error: --out={str(out)!r} cannot be written ({e.strerror or e}): allowed is a writable file path; "
-              "nothing was saved", file=sys.stderr)
+              f"{'the runs are in it only as its last partial save' if a.saved else 'nothing was saved'}", file=sys.stderr)
         return 1
     print(f"saved {out} ({time.perf_counter() - t_start:.0f} s in all)")
     return 0

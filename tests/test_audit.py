@@ -113,7 +113,8 @@ def test_static_step_with_host_and_deleted_keys_is_replayable(llama, name, monke
 def test_replayed_captures_again_when_the_step_changes(monkeypatch):
     """engine.Replayed (CUDA graphs, faked here): eager warm-up steps, one capture replayed, and
     when the cache's static key changes (host keys appear) one eager step, then a new capture; a
-    failed capture is eager."""
+    failed capture is eager, its record names the step's error (not the one ending the capture
+    raises over it), and the stream current before it is current again."""
     from alisa.runtime import engine as E
 
     class Graph:
@@ -133,11 +134,26 @@ def test_replayed_captures_again_when_the_step_changes(monkeypatch):
 
         def __exit__(self, *exc):
             capturing[0] = False
+            if exc[0] is not None:  # as torch.cuda.graph: ending a capture the step broke raises its own error
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+            return False
+
+    class stream:  # torch.cuda.stream: the capture's stream is made current again however the capture ends
+        def __init__(self, s):
+            pass
+
+        def __enter__(self):
+            calls.append("stream")
+
+        def __exit__(self, *exc):
+            calls.append("stream back")
             return False
 
     calls, key, capturing = [], [0], [False]
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: None)
 
     def model(**kw):
         calls.append("eager")
@@ -146,13 +162,13 @@ def test_replayed_captures_again_when_the_step_changes(monkeypatch):
     step = E.Replayed(model, key=lambda: key[0], warmup=2)
     for _ in range(4):
         step()
-    assert calls == ["eager", "eager", "capture", "eager", "replay", "replay"] and step.status == "captured"
+    assert calls == ["eager", "eager", "stream", "capture", "eager", "stream back", "replay", "replay"] and step.status == "captured"
     calls.clear()
     key[0] = 1
     step()
     step()
     step()
-    assert calls == ["eager", "capture", "eager", "replay", "replay"]
+    assert calls == ["eager", "stream", "capture", "eager", "stream back", "replay", "replay"]
     assert step.status == "captured (2 graphs: the step changed 1x)"
 
     def broken(**kw):
@@ -164,7 +180,8 @@ def test_replayed_captures_again_when_the_step_changes(monkeypatch):
     step = E.Replayed(broken, warmup=0)
     step()
     step()
-    assert calls == ["capture", "eager", "eager"] and step.status.startswith("eager (capture failed: RuntimeError: operation")
+    assert calls == ["stream", "capture", "stream back", "eager", "eager"]
+    assert step.status == "eager (capture failed: RuntimeError: operation not permitted when stream is capturing)"  # the step's error
 
 
 def test_cli_bad_policy_is_one_line(capsys):

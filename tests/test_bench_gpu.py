@@ -81,6 +81,47 @@ def test_dry_run_writes_every_record_and_every_target(tmp_path):
     assert c["status"] == "N/A" and "no pinned H2D rate" in c["why"]  # the CPU has no pinned link to compare with
 
 
+def test_deadline_and_small_only_skip_runs_and_still_write_every_target(tmp_path):
+    """--deadline: no run starts after it (each record says so), the targets are N/A with that
+    reason, the JSON is written whole; --small-only: no large-batch record, (c) and (d) N/A."""
+    out = tmp_path / "late.json"
+    r = bench("--dry", *SMALL, "--deadline", "0.001", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert "partial" not in d and d["records"] and len(d["targets"]) == 9
+    for rec in d["records"].values():
+        assert rec["status"] == "skipped" and rec["reason"].startswith("not run: --deadline 0.001 s passed"), rec
+    assert all(t["status"] == "N/A" and t["ratio"] is None for t in d["targets"])
+    out = tmp_path / "small.json"
+    r = bench("--dry", *SMALL, "--small-only", "--systems", "stock,engine", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["records"] and all(k.startswith("b2 ") and rec["status"] == "ok" for k, rec in d["records"].items())
+    for t in d["targets"]:
+        assert (t["status"] == "N/A") == t["target"].startswith(("(c)", "(d)")), t
+        if t["target"].startswith("(d)"):
+            assert "--small-only" in t["why"], t
+
+
+def test_a_run_killed_midway_keeps_the_runs_it_finished(tmp_path):
+    """The JSON is rewritten (atomically) after every run, marked partial until the end: a run
+    killed at a time limit keeps what it measured."""
+    out = tmp_path / "killed.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, str(SCRIPT), "--dry", *SMALL, "--out", str(out)], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in p.stdout:
+            if line.startswith("b2 hf_static"):  # the second run's row (a row is printed once its run is saved)
+                break
+    finally:
+        p.kill()
+        p.wait()
+    d = json.loads(out.read_text())
+    assert d["partial"] and "targets" not in d
+    assert d["records"]["b2 stock"]["status"] == "ok" and d["records"]["b2 hf_static"]["status"] == "ok"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error; with a CUDA device present bench_gpu runs the real benchmark instead")
 def test_without_cuda_and_without_dry_it_is_one_line_and_writes_nothing(tmp_path):
     r = bench("--out", str(tmp_path / "x" / "gpu.json"), timeout=60)
@@ -95,6 +136,7 @@ def test_without_cuda_and_without_dry_it_is_one_line_and_writes_nothing(tmp_path
     (["--new", "1"], "--new=1 is invalid: allowed is an integer >= 2"),
     (["--systems", "stock,warp"], "--systems entry 'warp' is invalid: allowed are stock, hf_static, hf_offloaded, flexgen, engine"),
     (["--hidden", "65"], "--hidden=65 is invalid: allowed is a multiple of 4"),
+    (["--deadline", "0"], "--deadline=0.0 is invalid: allowed is a number of seconds > 0"),
     (["--out", "/proc/alisa-bench.json"], "--out='/proc/alisa-bench.json' cannot be written"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, needle):

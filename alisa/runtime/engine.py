@@ -25,6 +25,10 @@ from .recompute import capture_inputs, kv_from_inputs
 from .tiered import Link, Plan, TieredStore, Traffic
 
 
+class BudgetTooSmall(ValueError):
+    """A device budget below what one decode step needs under any plan (bad input, not a measurement)."""
+
+
 class BudgetExceeded(RuntimeError):
     """A tier holds more KV than its budget allows (reported as out of memory)."""
 
@@ -310,12 +314,18 @@ class Replayed:
         if self.warmup > 0 or self.error is not None:
             self.warmup -= 1
             return self.model(**inputs)
-        graph = torch.cuda.CUDAGraph()
+        graph, failed = torch.cuda.CUDAGraph(), None
         try:
-            with torch.cuda.graph(graph):
-                out = self.model(**inputs)
+            with torch.cuda.stream(torch.cuda.current_stream()):  # current again even when ending the capture fails
+                with torch.cuda.graph(graph):
+                    try:
+                        out = self.model(**inputs)
+                    except Exception as e:  # noqa: BLE001 - ending the broken capture then raises its own error
+                        failed = e
+                        raise
         except Exception as e:  # noqa: BLE001 - reported in the record; the step runs eagerly instead
-            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            cause = failed or e
+            self.error = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"[:300]
             return self.model(**inputs)
         self.graph, self.out, self._key = graph, out, key
         self.captures += 1
@@ -541,7 +551,7 @@ class Engine:
                     extra=extra)
 
     def check_budget(self, batch: int, prompt: int, new_tokens: int) -> None:
-        """ValueError (one line, naming the value and the minimum) when the device budget is below
+        """:class:`BudgetTooSmall` (one line, naming the value and the minimum) when the device budget is below
         what every plan needs: the local window of every layer stays on the device (FlexGen-style
         plans: the token each step writes). A budget above that floor that Phase I still exceeds
         is a measurement (:class:`BudgetExceeded`, an out-of-memory record), not bad input."""
@@ -553,7 +563,7 @@ class Engine:
         dtype = torch.int8 if self.int8 else self.model.dtype  # int8: the payload alone, a lower bound
         floor = device_floor(self.model.config, dtype, self.policy, Workload(batch, prompt, new_tokens), self.plan.local_on_device)
         if budget < floor:
-            raise ValueError(f"device_budget={budget} B is below what one decode step needs under {self.policy!r} "
+            raise BudgetTooSmall(f"device_budget={budget} B is below what one decode step needs under {self.policy!r} "
                              f"(batch {batch}, prompt {prompt}, {new_tokens} new): allowed is >= {floor} B")
 
     def _track(self, peak: dict[str, int], now: dict[str, int]) -> None:

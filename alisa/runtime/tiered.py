@@ -537,6 +537,8 @@ class TieredStore:
         self.move_slots = min(self.MOVE_SLOTS, off) if plan is not None and not plan.device_only else 0
         self.loc = _remap(self.loc, self.tier == HOST, self.host.fix(max(off, self._most(HOST)) + self.move_slots))
         self.xloc = _remap(self.xloc, self.xloc >= 0, self.xs.fix(total))
+        if self.xs.buf:  # the prompt's inputs are held: on CUDA the step writes and reads their mapped alias, made
+            self.xs._on(self.pos.device)  # here (a compiled step cannot trace making it; a capture should not run it)
         self._at = torch.full((1,), C, dtype=torch.long, device=self.pos.device)
         if self.n_max is not None:  # with the recent window on the device only older selected keys are off it
             sel = self.policy.max_selected_old if plan is not None and plan.local_on_device else self.policy.max_selected
