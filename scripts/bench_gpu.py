@@ -78,7 +78,10 @@ def parse(argv):
                          "(a compile per policy: about a minute each on a GPU)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
     ap.add_argument("--small-only", action="store_true",
-                    help=f"only the small batch (no large-batch runs: targets (c) and (d) are N/A)")
+                    help="only the small batch (no large-batch runs: targets (c) and (d) are N/A)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the finished runs of the --out JSON (same card, shape and workload) and run only the others: "
+                         "a run cut off at a time limit, continued")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds from the start after which no further run starts (each is recorded as skipped) "
                          "and the results so far are written: keep it under a time limit that would kill the run")
@@ -124,9 +127,9 @@ def check_writable(out: Path) -> str | None:
     return None
 
 
-def build_model(a, dev: torch.device):
-    """OPT-6.7B's shape (conf/model/opt-6.7b.yaml) in fp16, weights made on the device (seed 0); --dry: DRY_SHAPE in fp32."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(a):
+    """OPT-6.7B's shape (conf/model/opt-6.7b.yaml) in fp16; --dry: DRY_SHAPE in fp32: (config, name, shape, dtype)."""
+    from transformers import AutoConfig
 
     from alisa.config import shape_configs
 
@@ -139,10 +142,17 @@ def build_model(a, dev: torch.device):
     config = AutoConfig.for_model(hf.pop("model_type"), **hf)
     config.name_or_path = name
     dtype = torch.float32 if a.dry else torch.float16
+    return config, name, {"model_type": config.model_type, **hf, "dtype": str(dtype).removeprefix("torch.")}, dtype
+
+
+def build_model(config, dtype: torch.dtype, dev: torch.device):
+    """Random weights (seed 0), made on the device."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.to(dev).eval(), name, {"model_type": config.model_type, **hf, "dtype": str(dtype).removeprefix("torch.")}
+    return model.to(dev).eval()
 
 
 def _first_line(e: BaseException) -> str:
@@ -217,6 +227,8 @@ def row(name: str, r: dict) -> str:
         elif r.get("plan") and (r["plan"].get("alpha") or 0) > 0:
             bits.append(f"alpha={r['plan']['alpha']:.2f} p1={r['plan']['p1']}")
         note = ", ".join(bits)
+    if r.get("resumed"):
+        note = f"(resumed) {note}"
     return (f"{name:<30} {r.get('status', '?'):<7} {f(r.get('step_s_median') or r.get('step_s_mean'), 1e3):>9} {f(r.get('decode_tok_s')):>10} "
             f"{f(r.get('throughput_tok_s')):>10} {f(r.get('prefill_s'), 1.0, '{:.3f}'):>9} {f(kv.get('device'), 1e-6, '{:.2f}'):>10} "
             f"{f(kv.get('host'), 1e-6, '{:.2f}'):>10} {f(moved, 1e-6, '{:.2f}'):>10} {f(r.get('wall_s')):>6}  {note[:90]}")
@@ -355,6 +367,17 @@ def _run(a, argv) -> int:
     if bad:
         print(f"error: --out={str(out)!r} cannot be written ({bad}): allowed is a writable file path", file=sys.stderr)
         return 2
+    earlier = None
+    if a.resume and out.exists():
+        from alisa.results import UnreadableFile, read_json_file
+
+        try:
+            earlier = read_json_file(out, "--resume: the earlier result")
+            if not isinstance(earlier, dict) or not isinstance(earlier.get("records"), dict):
+                raise UnreadableFile(f"--resume: the earlier result {out} has no records")
+        except UnreadableFile as e:
+            print(f"error: {e}: allowed is a result this script wrote (or no --resume)", file=sys.stderr)
+            return 2
     from alisa.policies import make_policy
     from alisa.profile import measure
     from alisa.runtime.costmodel import Workload, search
@@ -364,12 +387,39 @@ def _run(a, argv) -> int:
 
     command = "python scripts/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
+    cfg, name, shape, torch_dtype = model_config(a)
+    dtype = shape["dtype"]
+    kvb = kv_bytes_per_token(cfg, dtype) * cfg.num_hidden_layers  # one token of one sequence, all layers
+    big_dense_kv = kvb * a.big_batch * (a.prompt + a.big_new)
+    if a.budget_gib is not None:
+        budget, budget_why = int(a.budget_gib * (1 << 30)), f"--budget-gib {a.budget_gib}"
+    elif a.dry:
+        budget, budget_why = big_dense_kv // 2, f"dry: half the dense KV at batch {a.big_batch} ({big_dense_kv} B)"
+    else:
+        budget, budget_why = 4 << 30, "default 4 GiB"
+    rec: dict[str, dict] = {}
+    dense_prefills: dict[int, float] = {}
+    result = {
+        "dry": a.dry, **({"note": DRY_NOTE} if a.dry else {}), "card": card_name(dev), "model": name, "shape": shape,
+        "workload": {"prompt": a.prompt, "batch": a.batch, "new_tokens": a.new, "big_batch": a.big_batch,
+                     "big_new_tokens": a.big_new, "device_budget": budget, "device_budget_why": budget_why}}
+    done: dict[str, dict] = {}  # --resume: the earlier result's finished runs
+    if earlier is not None:
+        differ = [k for k in ("card", "model", "shape", "workload") if earlier.get(k) != result[k]]
+        if differ:
+            print(f"error: --resume: {out} was measured with another {', '.join(differ)}: allowed is the same card and "
+                  "arguments (or no --resume)", file=sys.stderr)
+            return 2
+        done = {k: r for k, r in earlier["records"].items() if isinstance(r, dict) and r.get("status") == "ok"}
+        dense_prefills.update({int(k): v for k, v in (earlier.get("dense_prefill_s") or {}).items()})
+
     if a.dry:
         print(f"{DRY_NOTE} (cpu, a tiny OPT-like shape)", flush=True)
-    model, name, shape = build_model(a, dev)
-    cfg, dtype = model.config, str(model.dtype).removeprefix("torch.")
-    L = cfg.num_hidden_layers
-    kvb = kv_bytes_per_token(cfg, dtype) * L  # one token of one sequence, all layers
+    if earlier is not None:
+        print(f"--resume: {len(done)} finished runs kept from {out} (measured {earlier.get('command')!r}); the others run now",
+              flush=True)
+    model = build_model(cfg, torch_dtype, dev)
+    cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"model {name} ({shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, {dtype}) on {dev}: "
           f"weights {weight_bytes / 1e9:.3f} GB, KV {kvb / 1e6:.3f} MB per token", flush=True)
@@ -386,26 +436,13 @@ def _run(a, argv) -> int:
           f"pinned H2D {gb(prof.h2d_pinned_bw)}, D2H {gb(prof.d2h_pinned_bw)}"
           f"{'' if prof.h2d_pinned_bw else ' (' + str(rates['pinned_what']) + ')'}; runtime gather+copy {gb(prof.copy_bw)}", flush=True)
 
-    big_dense_kv = kvb * a.big_batch * (a.prompt + a.big_new)
-    if a.budget_gib is not None:
-        budget, budget_why = int(a.budget_gib * (1 << 30)), f"--budget-gib {a.budget_gib}"
-    elif a.dry:
-        budget, budget_why = big_dense_kv // 2, f"dry: half the dense KV at batch {a.big_batch} ({big_dense_kv} B)"
-    else:
-        budget, budget_why = 4 << 30, "default 4 GiB"
     print(f"device KV budget at batch {a.big_batch}: {budget / (1 << 30):.4g} GiB ({budget_why}; dense KV there at the "
           f"end: {big_dense_kv / (1 << 30):.4g} GiB)\n", flush=True)
-    print(HEADER, flush=True)
-
-    rec: dict[str, dict] = {}
-    dense_prefills: dict[int, float] = {}
     broken: list[str] = []  # the device failed (a sticky CUDA error): nothing more can run on it
-    result = {
-        "dry": a.dry, **({"note": DRY_NOTE} if a.dry else {}), "model": name, "shape": shape,
-        "workload": {"prompt": a.prompt, "batch": a.batch, "new_tokens": a.new, "big_batch": a.big_batch,
-                     "big_new_tokens": a.big_new, "device_budget": budget, "device_budget_why": budget_why},
-        "rates": rates, "weight_bytes": weight_bytes, "kv_bytes_per_token": kvb, "profile": prof.to_dict(), "records": rec,
-        "command": command, "hardware": hardware(dev.type), "versions": versions(), "git": git_commit()}
+    result.update(rates=rates, weight_bytes=weight_bytes, kv_bytes_per_token=kvb, profile=prof.to_dict(), records=rec,
+                  dense_prefill_s=dense_prefills, command=command, hardware=hardware(dev.type), versions=versions(),
+                  git=git_commit())
+    print(HEADER, flush=True)
 
     def save(partial: bool) -> None:
         """Write what was measured (atomic); ``partial`` after each run, so a run killed at a time limit keeps it
@@ -425,70 +462,83 @@ def _run(a, argv) -> int:
             return f"not run: --deadline {a.deadline:g} s passed ({time.perf_counter() - t_start:.0f} s in)"
         return None
 
-    def run(key, system, ids, new, **kw):
+    def run(key, system, ids, new, prefilled, annotate=None, **kw):
+        """One run (or its --resume'd record, or why it did not run), saved, then its row printed.
+        ``prefilled()`` gives the stage's shared dense prefill (made at its first use);
+        ``annotate(r)`` adds what the bench knows about a run it made."""
         if system not in a.systems:
             return
-        why = stop()
-        r = {"system": system, "status": "skipped", "reason": why} if why else measure_one(model, system, ids, new, **kw)
+        if key in done:
+            r = {**done[key], "resumed": True}
+        else:
+            why = stop()
+            if why is None:
+                try:
+                    pf = prefilled()
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: this and every later run say so
+                    broken.append(f"the dense prefill at batch {ids.shape[0]} failed: {_first_line(e)}")
+                    why = stop()
+            r = {"system": system, "status": "skipped", "reason": why} if why else \
+                measure_one(model, system, ids, new, prefilled=pf, **kw)
+            if annotate is not None:
+                annotate(r)
         if r.get("device_error"):
             broken.append(f"after {key}: {r['device_error']}")
         rec[key] = r
         save(partial=True)  # before its row: a printed row is a saved one
         print(row(key, r), flush=True)
+        if r.get("audit") and not r.get("resumed"):
+            print(f"  audit of that step: {r['audit']}", flush=True)
 
     def runs_at(B: int, new: int, budget: int | None, systems: list[str]):
         ids = workload_prompts(None, B, a.prompt, seed=0, vocab=cfg.vocab_size)
         wl = Workload(B, a.prompt, new)
-        pf = None
-        if stop() is None:  # else every run below records why it did not run
-            try:
+        made = []
+
+        def prefilled():
+            if not made:
                 dense_prefill(model, ids)  # untimed: the first prompt pass at this shape (kernel choices, allocator)
-                pf = dense_prefill(model, ids)
-                dense_prefills.setdefault(B, pf.seconds)
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory: the stage's runs say so
-                broken.append(f"the dense prefill at batch {B} failed: {_first_line(e)}")
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+                made.append(dense_prefill(model, ids))
+                dense_prefills[B] = made[0].seconds
+            return made[0]
+
         tag = f"b{B}" + ("-budget" if budget is not None else "")
         for s in ("stock", "hf_static", "hf_offloaded"):
             if s in systems:
-                run(f"{tag} {s}", s, ids, new, prefilled=pf)
+                run(f"{tag} {s}", s, ids, new, prefilled)
         if "flexgen" in systems:
             f, why = flexgen_fraction(prof, cfg, dtype, wl, budget)
             for st in ([False, True] if budget is not None else [False]):  # under the budget also its fixed-shape step
-                key = f"{tag} flexgen" + (" static" if st else "")
-                run(key, "flexgen", ids, new, prefilled=pf, flexgen_fraction=f, device_budget=budget, static=st)
-                if key in rec:
-                    rec[key]["flexgen_fraction_why"] = why
+                run(f"{tag} flexgen" + (" static" if st else ""), "flexgen", ids, new, prefilled,
+                    lambda r, why=why: r.update(flexgen_fraction_why=why), flexgen_fraction=f, device_budget=budget, static=st)
         for label, pol_name, sp, prefill in ENGINE:
             pol = make_policy(pol_name, sparsity=sp)
             plan, pred = None, None
             if budget is not None:
                 pred = search(prof, cfg, dtype, pol, wl, device_budget=budget)
                 plan = pred.plan
-            # under the budget swa@0.8 (target (d)) also runs its fixed-shape step with the same plan
-            for st in ([False, True] if budget is not None and label == "engine swa@0.8" else [False]):
-                key = f"{tag} {label}" + (" static" if st else "")
-                run(key, "engine", ids, new, policy=pol, prefill=prefill, plan=plan, device_budget=budget, prefilled=pf,
-                    static=st)
-                r = rec.get(key)
-                if r is not None and pred is not None:
+
+            def predicted(r, pred=pred):
+                if pred is not None:
                     r["predicted"] = pred.to_dict()
                     if r.get("decode_s"):
                         r["predicted_vs_measured_decode"] = pred.total_s / r["decode_s"]
+
+            # under the budget swa@0.8 (target (d)) also runs its fixed-shape step with the same plan
+            for st in ([False, True] if budget is not None and label == "engine swa@0.8" else [False]):
+                run(f"{tag} {label}" + (" static" if st else ""), "engine", ids, new, prefilled, predicted, policy=pol,
+                    prefill=prefill, plan=plan, device_budget=budget, static=st)
         if budget is None and B == a.batch:  # the fixed-shape step, captured as a CUDA graph (targets (a), (b))
             for label, pol_name, sp, prefill in ENGINE:
                 pol = make_policy(pol_name, sparsity=sp)
-                for variant in ("static", "compiled") if a.compiled else ("static",):
-                    key = f"{tag} {label} {variant}"
-                    run(key, "engine", ids, new, policy=pol, prefill=prefill, prefilled=pf, static=True,
-                        compiled=variant == "compiled")
-                    r = rec.get(key)
-                    if variant == "static" and _ok(r) and not str(r.get("graph", "")).startswith("captured"):
-                        # say why, for the next try (the compiled variant's step is the same)
+                def audited(r, pol=pol, prefill=prefill):  # a step that was not captured: why, for the next try
+                    if _ok(r) and not str(r.get("graph", "")).startswith("captured"):
                         r["audit"] = audit_step(Engine(model, pol, prefill=prefill, static=True), ids[:2, :16])
-                        print(f"  audit of that step: {r['audit']}", flush=True)
-        del pf
+
+                for variant in ("static", "compiled") if a.compiled else ("static",):  # the compiled step is the static one
+                    run(f"{tag} {label} {variant}", "engine", ids, new, prefilled, audited if variant == "static" else None,
+                        policy=pol, prefill=prefill, static=True, compiled=variant == "compiled")
+        made.clear()
 
     # Untimed: each engine policy once on a short prompt (first-use costs: kernel choices, the CPU route's JIT)
     warm_ids = workload_prompts(None, 1, min(a.prompt, 16), seed=1, vocab=cfg.vocab_size)

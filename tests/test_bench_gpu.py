@@ -122,6 +122,35 @@ def test_a_run_killed_midway_keeps_the_runs_it_finished(tmp_path):
     assert d["records"]["b2 stock"]["status"] == "ok" and d["records"]["b2 hf_static"]["status"] == "ok"
 
 
+def test_resume_keeps_the_finished_runs_and_runs_the_others(tmp_path):
+    """--resume: the --out JSON's finished runs are kept as they were (marked resumed), the others
+    run; a result of another workload, or an unreadable one, is one line, exit 2, left as it is."""
+    out = tmp_path / "r.json"
+    r = bench("--dry", *SMALL, "--systems", "stock", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = json.loads(out.read_text())["records"]
+    assert sorted(first) == ["b2 stock", "b3 stock"]
+    r = bench("--dry", *SMALL, "--systems", "stock,engine", "--resume", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--resume: 2 finished runs kept from" in r.stdout
+    d = json.loads(out.read_text())
+    for key, rec in first.items():
+        assert d["records"][key] == {**rec, "resumed": True}
+    assert "b2 engine dense static" in d["records"] and not d["records"]["b2 engine dense"].get("resumed")
+    assert d["records"]["b2 engine dense"]["status"] == "ok" and "partial" not in d
+    (a,) = [t for t in d["targets"] if t["target"].startswith("(a) engine dense step <= 0.5x stock")]
+    assert a["ratio"] > 0  # a resumed record and a new one, compared
+    before = out.read_text()
+    for args, needle in ((["--new", "5"], "was measured with another workload"), ([], "is not valid JSON")):
+        if not args:
+            out.write_text("{not json")
+            before = out.read_text()
+        r = bench("--dry", *SMALL, *args, "--resume", "--out", str(out))
+        lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip() and not l.startswith("dry run")]
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --resume") and needle in lines[0], lines
+        assert out.read_text() == before
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error; with a CUDA device present bench_gpu runs the real benchmark instead")
 def test_without_cuda_and_without_dry_it_is_one_line_and_writes_nothing(tmp_path):
     r = bench("--out", str(tmp_path / "x" / "gpu.json"), timeout=60)

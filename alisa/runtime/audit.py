@@ -181,7 +181,8 @@ def compare(a: Trace, b: Trace, limit: int = 12) -> tuple[int, list[str], dict[s
 def audit_decode(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  warmup: int = 2, locate: bool = True) -> Audit:
     """Generate with ``engine`` and trace decode steps ``warmup + 1`` and ``warmup + 2`` (each one
-    model forward); the engine runs as it always does (its own route, plan and prefill)."""
+    model forward); the engine runs as it always does (its own route, plan and prefill), but its
+    static step is not captured as a CUDA graph (the ops traced are those a capture records)."""
     from . import engine as E
 
     traces: list[Trace] = []
@@ -200,11 +201,20 @@ def audit_decode(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
         return real(model_traced, tok, mask, cache, new_tokens, before, keep_logits, **kw)
 
-    E.greedy_steps = traced
+    class Uncaptured:  # on CUDA: trace the step itself, not a capture of it (what a capture would record)
+        status = "eager (audited)"
+
+        def __init__(self, step, *args, **kwargs):
+            self.step = step
+
+        def __call__(self, **kw):
+            return self.step(**kw)
+
+    replayed, E.greedy_steps, E.Replayed = E.Replayed, traced, Uncaptured
     try:
         engine.generate(input_ids, attention_mask, max_new_tokens=warmup + 3)
     finally:
-        E.greedy_steps = real
+        E.greedy_steps, E.Replayed = real, replayed
     a, b = traces
     n, diffs, lines = compare(a, b)
     L = engine.model.config.num_hidden_layers
