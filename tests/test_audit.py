@@ -188,3 +188,8 @@ def test_cli_bad_policy_is_one_line(capsys):
     assert main(["--policies", "nope"]) == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "nope" in out[0]
+    for argv, needle in ((["--model", "x"], "unrecognized arguments: --model x"), (["--lines", "-1"], "--lines=-1 is invalid")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err

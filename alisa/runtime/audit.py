@@ -225,19 +225,19 @@ def audit_decode(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 def main(argv=None) -> int:
     """``python -m alisa.runtime.audit``: audit the Phase-I decode step of every built-in policy
     on a tiny random model, on the reference route (CUDA's)."""
-    import argparse
-
     from .. import attention
+    from ..config import OneLineArgumentParser
     from ..policies import make_policy
     from ..testing import FAMILIES, tiny_model
     from .engine import Engine
 
-    ap = argparse.ArgumentParser(prog="python -m alisa.runtime.audit", description=main.__doc__)
+    ap = OneLineArgumentParser(prog="python -m alisa.runtime.audit", description=main.__doc__)
     ap.add_argument("--family", default="llama", choices=sorted(FAMILIES))
     ap.add_argument("--policies", default="dense,local,sinks,h2o,swa,tova,snapkv,quest")
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--lines", type=int, default=8, help="differing Python lines to show per policy")
     a = ap.parse_args(argv)
+    ap.at_least(a, lines=0)
     try:
         policies = [make_policy(p) if p == "dense" else make_policy(p, sparsity=a.sparsity) for p in a.policies.split(",")]
     except ValueError as e:
