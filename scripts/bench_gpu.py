@@ -175,13 +175,23 @@ def measure_one(model, system, ids, new, **kw) -> dict:
         r = {"system": system, "status": "failed", "error": _first_line(e)}
     r.pop("tiers_per_step", None)
     r["wall_s"] = time.perf_counter() - t0
-    if dev.type == "cuda":
-        try:
-            torch.cuda.synchronize(dev)
-            torch.cuda.empty_cache()
-        except Exception as e:  # noqa: BLE001
-            r["device_error"] = _first_line(e)
+    err = release(dev)
+    if err:
+        r["device_error"] = err
     return r
+
+
+def release(dev: torch.device) -> str | None:
+    """Give the device's cached memory back after a run; why the device failed there (a sticky
+    CUDA error: every later call fails too), or None."""
+    if dev.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+        return _first_line(e)
+    return None
 
 
 def audit_step(engine, ids) -> str:
@@ -475,9 +485,11 @@ def _run(a, argv) -> int:
             if why is None:
                 try:
                     pf = prefilled()
-                except Exception as e:  # noqa: BLE001 - e.g. out of memory: this and every later run say so
-                    broken.append(f"the dense prefill at batch {ids.shape[0]} failed: {_first_line(e)}")
-                    why = stop()
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: the run says so (the next one tries again)
+                    why = f"not run: the shared dense prefill at batch {ids.shape[0]} failed ({_first_line(e)})"
+                    err = release(dev)
+                    if err:
+                        broken.append(f"the dense prefill at batch {ids.shape[0]}: {err}")
             r = {"system": system, "status": "skipped", "reason": why} if why else \
                 measure_one(model, system, ids, new, prefilled=pf, **kw)
             if annotate is not None:
