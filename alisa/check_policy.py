@@ -409,9 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return bad(str(e))
 
-    from transformers.utils import logging as hf_logging
+    from .models import quiet_libraries
 
-    hf_logging.set_verbosity_error()
+    quiet_libraries()
     setting = ", ".join(f"{k}={v}" for k, v in {**kw, **policy.params}.items())
     print(f"check_policy {a.name} ({cls.__module__}:{cls.__qualname__}), {setting or 'no settings'}: "
           f"simulation ≡ decode ≡ runtime on tiny random models")

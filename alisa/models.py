@@ -26,6 +26,16 @@ _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def quiet_libraries() -> None:
+    """No third-party log lines below errors and no progress bars (e.g. transformers' "Loading
+    weights") on the console: a command shows alisa's progress and results."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm when first imported
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ALISA_CACHE_DIR", Path.home() / ".cache" / "alisa"))
 

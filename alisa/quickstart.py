@@ -26,8 +26,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    import os
-
     from .config import OneLineArgumentParser, model_context
 
     ap = OneLineArgumentParser(prog="python -m alisa.quickstart", description=__doc__.splitlines()[0])
@@ -54,13 +52,11 @@ def _main(argv: list[str] | None) -> int:
         policy = make_policy(a.policy, sparsity=a.sparsity)  # before the model stack is imported: a typo is told at once
     except ValueError as e:
         return _error(str(e))
-    if not a.verbose:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
     from . import apply, load_model
+    from .models import quiet_libraries
+
+    if not a.verbose:
+        quiet_libraries()
 
     try:
         model, tok = load_model(a.model)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import alisa  # noqa: E402
 from alisa import attention  # noqa: E402
 from alisa.config import OneLineArgumentParser  # noqa: E402
+from alisa.models import quiet_libraries  # noqa: E402
 from alisa.results import REPO, hardware, versions, write_json  # noqa: E402
 from alisa.runtime.throughput import workload_prompts  # noqa: E402
 
@@ -124,6 +125,7 @@ def main() -> int:
     ap.add_argument("--skip-paper", action="store_true")
     a = ap.parse_args()
     ap.device(a.device)
+    quiet_libraries()
     model, tok = alisa.load_model("smollm2-135m", device=a.device)
     print(f"SmolLM2-135M fp32 on {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)
     text = workload_prompts(tok, 8, 4096, seed=0)

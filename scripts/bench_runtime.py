@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alisa.config import OneLineArgumentParser  # noqa: E402
-from alisa.models import load_model  # noqa: E402
+from alisa.models import load_model, quiet_libraries  # noqa: E402
 from alisa.profile import hbm_copy_bandwidth  # noqa: E402
 from alisa.results import REPO, hardware, versions, write_json  # noqa: E402
 from alisa.runtime.engine import dense_prefill  # noqa: E402
@@ -56,6 +56,7 @@ def main() -> int:
     ap.file_tag(a.tag)
     ap.device(a.device)
     ap.fits("smollm2-135m", a.prompt, a.new)
+    quiet_libraries()
     model, tok = load_model("smollm2-135m", device=a.device)
     dev = torch.device(a.device)
     cfg = model.config

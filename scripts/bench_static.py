@@ -52,7 +52,9 @@ def main() -> int:
     ap.fits("smollm2-135m", a.prompt, a.new)
     if a.compiled:
         ap.check(compile_backend)
-    from alisa.models import load_model  # the model stack after the arguments: bad input is told at once
+    from alisa.models import load_model, quiet_libraries  # the model stack after the arguments: bad input is told at once
+
+    quiet_libraries()
     from alisa.runtime.engine import Engine, dense_prefill
     from alisa.runtime.throughput import workload_prompts
 
