@@ -478,20 +478,20 @@ def _run(a, argv) -> int:
         ``annotate(r)`` adds what the bench knows about a run it made."""
         if system not in a.systems:
             return
+        why = stop()
         if key in done:
             r = {**done[key], "resumed": True}
+        elif why:
+            r = {"system": system, "status": "skipped", "reason": why}
         else:
-            why = stop()
-            if why is None:
-                try:
-                    pf = prefilled()
-                except Exception as e:  # noqa: BLE001 - e.g. out of memory: the run says so (the next one tries again)
-                    why = f"not run: the shared dense prefill at batch {ids.shape[0]} failed ({_first_line(e)})"
-                    err = release(dev)
-                    if err:
-                        broken.append(f"the dense prefill at batch {ids.shape[0]}: {err}")
-            r = {"system": system, "status": "skipped", "reason": why} if why else \
-                measure_one(model, system, ids, new, prefilled=pf, **kw)
+            try:
+                r = measure_one(model, system, ids, new, prefilled=prefilled(), **kw)
+            except Exception as e:  # noqa: BLE001 - the shared prefill (e.g. out of memory): the next run tries again
+                r = {"system": system, "status": "failed",
+                     "error": f"the shared dense prefill at batch {ids.shape[0]}: {_first_line(e)}"}
+                err = release(dev)
+                if err:
+                    r["device_error"] = err
             if annotate is not None:
                 annotate(r)
         if r.get("device_error"):

@@ -151,6 +151,37 @@ def test_resume_keeps_the_finished_runs_and_runs_the_others(tmp_path):
         assert out.read_text() == before
 
 
+def test_a_failed_shared_prefill_fails_its_runs_and_the_bench_goes_on(tmp_path, monkeypatch, capsys):
+    """The shared dense prefill of a stage failing (e.g. out of memory at the large batch): each of
+    that stage's runs is recorded as failed, saying why; the other stages run and every target is
+    written."""
+    import importlib.util
+
+    from alisa.runtime import engine
+
+    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", SCRIPT)
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    real = engine.dense_prefill
+
+    def prefill(model, ids, *a, **kw):
+        if ids.shape[0] == 3:
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return real(model, ids, *a, **kw)
+
+    monkeypatch.setattr(engine, "dense_prefill", prefill)
+    monkeypatch.setenv("ALISA_COMPILE_BACKEND", "eager")
+    out = tmp_path / "p.json"
+    assert bench_gpu.main(["--dry", *SMALL, "--systems", "stock,engine", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert "partial" not in d and len(d["targets"]) == 9
+    for key, rec in d["records"].items():
+        if key.startswith("b3"):
+            assert rec["status"] == "failed" and rec["error"] == "the shared dense prefill at batch 3: OutOfMemoryError: out of memory (test)", rec
+        else:
+            assert rec["status"] == "ok", (key, rec)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error; with a CUDA device present bench_gpu runs the real benchmark instead")
 def test_without_cuda_and_without_dry_it_is_one_line_and_writes_nothing(tmp_path):
     r = bench("--out", str(tmp_path / "x" / "gpu.json"), timeout=60)
