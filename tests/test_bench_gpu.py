@@ -157,7 +157,7 @@ def test_a_failed_shared_prefill_fails_its_runs_and_the_bench_goes_on(tmp_path, 
     written."""
     import importlib.util
 
-    from alisa.runtime import engine
+    from alisa.runtime import engine, throughput  # noqa: F401 - imported before the patch: it binds dense_prefill at import
 
     spec = importlib.util.spec_from_file_location("bench_gpu_under_test", SCRIPT)
     bench_gpu = importlib.util.module_from_spec(spec)
