@@ -485,13 +485,15 @@ def _run(a, argv) -> int:
             r = {"system": system, "status": "skipped", "reason": why}
         else:
             try:
-                r = measure_one(model, system, ids, new, prefilled=prefilled(), **kw)
-            except Exception as e:  # noqa: BLE001 - the shared prefill (e.g. out of memory): the next run tries again
+                pf = prefilled()
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: this run fails, the next one tries again
                 r = {"system": system, "status": "failed",
                      "error": f"the shared dense prefill at batch {ids.shape[0]}: {_first_line(e)}"}
                 err = release(dev)
                 if err:
                     r["device_error"] = err
+            else:
+                r = measure_one(model, system, ids, new, prefilled=pf, **kw)
             if annotate is not None:
                 annotate(r)
         if r.get("device_error"):

@@ -13,14 +13,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "bench_gpu.py"
 # smaller than --dry's default shape: about 20 s on two cores
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 SMALL = ["--prompt", "16", "--batch", "2", "--big-batch", "3", "--new", "4", "--big-new", "4", "--layers", "1", "--hidden", "64"]
 
 
 def bench(*args, timeout=240):
     # --compiled: dynamo's graph without inductor's code generation (tests/test_runtime.py checks inductor itself)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ALISA_COMPILE_BACKEND": "eager"}
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+                          env={**OFFLINE, "ALISA_COMPILE_BACKEND": "eager"})
 
 
 def test_dry_run_writes_every_record_and_every_target(tmp_path):
@@ -107,8 +107,7 @@ def test_a_run_killed_midway_keeps_the_runs_it_finished(tmp_path):
     """The JSON is rewritten (atomically) after every run, marked partial until the end: a run
     killed at a time limit keeps what it measured."""
     out = tmp_path / "killed.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, str(SCRIPT), "--dry", *SMALL, "--out", str(out)], cwd=REPO, env=env,
+    p = subprocess.Popen([sys.executable, str(SCRIPT), "--dry", *SMALL, "--out", str(out)], cwd=REPO, env=OFFLINE,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in p.stdout:
@@ -222,8 +221,7 @@ def test_bad_input_is_one_line(tmp_path, args, needle):
 ])
 def test_bench_scripts_bad_input_is_one_line(script, args, msg):
     """The bench scripts check their arguments (and the compile backend) before running anything: one line, exit 2."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           **dict(a.split("=", 1) for a in args if a.startswith("ALISA_"))}
+    env = {**OFFLINE, **dict(a.split("=", 1) for a in args if a.startswith("ALISA_"))}
     args = [a for a in args if not a.startswith("ALISA_")]
     r = subprocess.run([sys.executable, str(REPO / "scripts" / f"{script}.py"), *args], cwd=REPO, capture_output=True,
                        text=True, timeout=120, env=env)

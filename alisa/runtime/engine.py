@@ -450,10 +450,11 @@ class Engine:
     compiled : bool
         With ``static``: compile the fixed step with ``torch.compile`` (:class:`Compiled`: inductor
         fuses its small ops; on CUDA the compiled step is what the CUDA graph captures). The first
-        step of a run pays the compile (on a 2-core CPU 100-290 s for SmolLM2's 30 layers, a few
-        seconds for a tiny test model; in ``step_s``, and apart in ``extra["compile_s"]``). Needs a C++ compiler on the CPU (Triton on CUDA); where compiling fails, the
-        record's ``graph`` says why and the step runs uncompiled. The uncompiled static step is
-        the reference: same tokens, logits within float rounding (fused sums).
+        step of a run pays the compile (on a 2-core CPU 90-290 s for SmolLM2's 30 layers, 10-30 s
+        with inductor's disk cache warm, a few seconds for a tiny test model; in ``step_s``, and
+        apart in ``extra["compile_s"]``). Needs a C++ compiler on the CPU (Triton on CUDA); where
+        compiling fails, the record's ``graph`` says why and the step runs uncompiled. The
+        uncompiled static step is the reference: same tokens, logits within float rounding.
     linear : {"auto", "plain", "mm"}
         The GEMM form of the decode step's linear layers (:mod:`alisa.runtime.linear`): ``auto``
         times both on the CPU once per process and shape and keeps the faster (on CUDA and for
